@@ -1,0 +1,11 @@
+//! keyroll's shared library: everything both binaries (`keyroll`, `keyroll-sidecar`) stand on.
+//!
+//! The core is pure (policy → plan, key versions → rendered files); the I/O shells around it are
+//! small and each owns one thing (Vault HTTP, file publishing, notifications).
+#![forbid(unsafe_code)]
+
+pub mod keyname;
+pub mod keytype;
+
+pub use keyname::KeyName;
+pub use keytype::KeyType;
