@@ -138,6 +138,9 @@ mod tests {
     fn export_kind_matches_transit() {
         assert_eq!(KeyType::Hmac.export_kind(), ExportKind::HmacKey);
         assert_eq!(KeyType::Ed25519.export_kind(), ExportKind::SigningKey);
-        assert_eq!(KeyType::Aes256Gcm96.export_kind(), ExportKind::EncryptionKey);
+        assert_eq!(
+            KeyType::Aes256Gcm96.export_kind(),
+            ExportKind::EncryptionKey
+        );
     }
 }

@@ -9,3 +9,9 @@ pub mod keytype;
 
 pub use keyname::KeyName;
 pub use keytype::KeyType;
+pub mod config;
+pub mod duration;
+pub mod planner;
+pub mod policy;
+pub mod state;
+pub mod vault;

@@ -1,0 +1,663 @@
+//! The rotation planner: `(policy, observed state, now) -> Plan`. Pure: no clock, no I/O.
+//!
+//! `plan`, `apply --dry-run`, `apply` and `status` all go through these functions; only the
+//! executor acts on the result. Retention maps onto transit in two separate steps:
+//! *retire* raises `min_decryption_version` (reversible) and *dispose* trims with
+//! `min_available_version` (irreversible), the latter only `dispose_after` after the former.
+//!
+//! Invariants (property-tested below): the latest version is never retired or trimmed; nothing
+//! inside `keep_versions` or `retain_for` is retired or trimmed; no minimum is ever lowered;
+//! a key whose type or flags disagree with the policy gets no action at all.
+
+use jiff::{SignedDuration, Timestamp};
+use serde::Serialize;
+
+use crate::duration::human;
+use crate::policy::KeyPolicy;
+use crate::state::{KeyRecord, KeyView, Observation};
+use crate::vault::transit::TransitKey;
+use crate::{KeyName, KeyType};
+
+/// One step the executor may take on a key, with the reason a person can read.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[serde(tag = "action", rename_all = "snake_case")]
+pub enum Action {
+    /// Create the key as declared.
+    Create {
+        key_type: KeyType,
+        exportable: bool,
+        #[serde(skip_serializing_if = "Option::is_none")]
+        key_size: Option<u32>,
+        reason: String,
+    },
+    /// Record creation times Vault does not keep (hmac versions made outside keyroll): "now"
+    /// is the earliest safe guess, so rotation and retention only ever run late, never early.
+    RecordCreated { versions: Vec<u32>, reason: String },
+    /// Add a new version.
+    Rotate { from_version: u32, reason: String },
+    /// Raise `min_decryption_version`: versions below it stop being usable (reversible).
+    Retire {
+        previous: u32,
+        min_decryption_version: u32,
+        reason: String,
+    },
+    /// Record when already-retired versions were retired, where keyroll has no record.
+    RecordRetired { versions: Vec<u32>, reason: String },
+    /// Trim versions below `min_available_version` (irreversible). Vault requires
+    /// `min_encryption_version` to be at least that first.
+    Dispose {
+        previous: u32,
+        min_available_version: u32,
+        #[serde(skip_serializing_if = "Option::is_none")]
+        raise_min_encryption_version: Option<u32>,
+        reason: String,
+    },
+}
+
+impl Action {
+    pub fn reason(&self) -> &str {
+        match self {
+            Action::Create { reason, .. }
+            | Action::RecordCreated { reason, .. }
+            | Action::Rotate { reason, .. }
+            | Action::Retire { reason, .. }
+            | Action::RecordRetired { reason, .. }
+            | Action::Dispose { reason, .. } => reason,
+        }
+    }
+
+    /// Short verb for tables and logs.
+    pub fn verb(&self) -> &'static str {
+        match self {
+            Action::Create { .. } => "create",
+            Action::RecordCreated { .. } => "record-created",
+            Action::Rotate { .. } => "rotate",
+            Action::Retire { .. } => "retire",
+            Action::RecordRetired { .. } => "record-retired",
+            Action::Dispose { .. } => "dispose",
+        }
+    }
+
+    /// Whether the action changes transit itself (as opposed to keyroll's own record).
+    pub fn changes_vault_key(&self) -> bool {
+        !matches!(
+            self,
+            Action::RecordCreated { .. } | Action::RecordRetired { .. }
+        )
+    }
+}
+
+/// The plan for one key.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct KeyPlan {
+    pub key: KeyName,
+    pub mount: String,
+    /// Non-empty when Vault disagrees with the policy on type or flags: no action is taken.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub drift: Vec<String>,
+    pub actions: Vec<Action>,
+}
+
+/// Plans one key.
+pub fn plan_key(policy: &KeyPolicy, obs: &Observation, now: Timestamp) -> KeyPlan {
+    let mut plan = KeyPlan {
+        key: policy.name.clone(),
+        mount: policy.mount.clone(),
+        drift: Vec::new(),
+        actions: Vec::new(),
+    };
+    let (key, record) = match obs {
+        Observation::Missing => {
+            plan.actions.push(Action::Create {
+                key_type: policy.key_type,
+                exportable: policy.exportable,
+                key_size: policy.key_size,
+                reason: format!(
+                    "{}/keys/{} does not exist; the policy declares it ({}{})",
+                    policy.mount,
+                    policy.name,
+                    policy.key_type,
+                    if policy.exportable {
+                        ", exportable"
+                    } else {
+                        ""
+                    }
+                ),
+            });
+            return plan;
+        }
+        Observation::Present { key, record } => (key, record),
+    };
+    plan.drift = drift(policy, key);
+    if !plan.drift.is_empty() {
+        return plan;
+    }
+
+    // Versions whose creation Vault does not report and keyroll never recorded.
+    let unknown: Vec<u32> = (key.min_available()..=key.latest_version)
+        .filter(|v| key.created(record, *v).is_none())
+        .collect();
+    if !unknown.is_empty() {
+        plan.actions.push(Action::RecordCreated {
+            versions: unknown,
+            reason: format!(
+                "Vault keeps no creation time for {} keys; recording now as first seen",
+                key.key_type
+            ),
+        });
+    }
+
+    if let Some(created) = key.created(record, key.latest_version) {
+        let age = now.duration_since(created);
+        if age >= policy.rotate_every.signed() {
+            plan.actions.push(Action::Rotate {
+                from_version: key.latest_version,
+                reason: format!(
+                    "v{} is {} old; policy rotates every {}",
+                    key.latest_version,
+                    human(age),
+                    policy.rotate_every
+                ),
+            });
+        }
+    }
+
+    let r = &policy.retention;
+    let current_min = key.min_usable();
+    let retire_to = retire_target(policy, key, record, now);
+    if retire_to > current_min {
+        let mut why = Vec::new();
+        if let Some(n) = r.keep_versions {
+            why.push(format!("outside the newest {n} (keep_versions)"));
+        }
+        if let Some(d) = r.retain_for {
+            why.push(format!("superseded for at least {d} (retain_for)"));
+        }
+        plan.actions.push(Action::Retire {
+            previous: key.min_decryption_version,
+            min_decryption_version: retire_to,
+            reason: format!(
+                "{} {}",
+                versions_label(current_min, retire_to - 1),
+                why.join(" and ")
+            ),
+        });
+    }
+
+    if let Some(after) = r.dispose_after {
+        // Retired versions still stored but with no retirement time on record.
+        let unrecorded: Vec<u32> = (key.min_available()..current_min)
+            .filter(|v| !record.retired.contains_key(v))
+            .collect();
+        if !unrecorded.is_empty() {
+            plan.actions.push(Action::RecordRetired {
+                versions: unrecorded,
+                reason: "retired outside keyroll's record; disposal counts from now".into(),
+            });
+        }
+        let dispose_to = dispose_target(policy, key, record, now);
+        if dispose_to > key.min_available() {
+            let retired_at = record.retired.get(&(dispose_to - 1)).copied();
+            let ago = retired_at
+                .map(|t| human(now.duration_since(t)))
+                .unwrap_or_default();
+            plan.actions.push(Action::Dispose {
+                previous: key.min_available_version,
+                min_available_version: dispose_to,
+                raise_min_encryption_version: (key.min_encryption_version < dispose_to)
+                    .then_some(dispose_to),
+                reason: format!(
+                    "{} retired {ago} ago; dispose_after = {after}",
+                    versions_label(key.min_available(), dispose_to - 1)
+                ),
+            });
+        }
+    }
+    plan
+}
+
+fn versions_label(from: u32, to: u32) -> String {
+    if from == to {
+        format!("v{from}")
+    } else {
+        format!("v{from}–v{to}")
+    }
+}
+
+/// Differences between the policy and Vault that keyroll must not paper over.
+pub fn drift(policy: &KeyPolicy, key: &TransitKey) -> Vec<String> {
+    let mut d = Vec::new();
+    if key.key_type != policy.key_type.as_str() {
+        d.push(format!(
+            "policy says type {} but Vault has {}",
+            policy.key_type, key.key_type
+        ));
+    }
+    if key.exportable != policy.exportable {
+        d.push(format!(
+            "policy says exportable = {} but Vault has exportable = {}",
+            policy.exportable, key.exportable
+        ));
+    }
+    d
+}
+
+/// Whether version `v` (not the latest) may be unusable by policy at `now`.
+fn may_retire(
+    policy: &KeyPolicy,
+    key: &TransitKey,
+    record: &KeyRecord,
+    v: u32,
+    now: Timestamp,
+) -> bool {
+    let r = &policy.retention;
+    if !r.retires() || v >= key.latest_version {
+        return false;
+    }
+    if let Some(n) = r.keep_versions {
+        // The newest n versions are latest-n+1 ..= latest.
+        if v + n > key.latest_version {
+            return false;
+        }
+    }
+    if let Some(d) = r.retain_for {
+        match key.created(record, v + 1) {
+            Some(succ) if now.duration_since(succ) >= d.signed() => {}
+            _ => return false,
+        }
+    }
+    true
+}
+
+/// The `min_decryption_version` the policy allows now (never below the current one).
+pub fn retire_target(
+    policy: &KeyPolicy,
+    key: &TransitKey,
+    record: &KeyRecord,
+    now: Timestamp,
+) -> u32 {
+    let mut to = key.min_usable();
+    while to < key.latest_version && may_retire(policy, key, record, to, now) {
+        to += 1;
+    }
+    to
+}
+
+/// The `min_available_version` the policy allows now: only versions already retired, retired
+/// at least `dispose_after` ago by keyroll's record, and still outside retention.
+pub fn dispose_target(
+    policy: &KeyPolicy,
+    key: &TransitKey,
+    record: &KeyRecord,
+    now: Timestamp,
+) -> u32 {
+    let mut to = key.min_available();
+    let Some(after) = policy.retention.dispose_after else {
+        return to;
+    };
+    while to < key.min_usable()
+        && may_retire(policy, key, record, to, now)
+        && record
+            .retired
+            .get(&to)
+            .is_some_and(|t| now.duration_since(*t) >= after.signed())
+    {
+        to += 1;
+    }
+    to
+}
+
+/// A per-key summary for `keyroll status`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct KeyStatus {
+    pub key: KeyName,
+    pub mount: String,
+    pub exists: bool,
+    #[serde(rename = "type", skip_serializing_if = "Option::is_none")]
+    pub key_type: Option<String>,
+    pub latest_version: u32,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub latest_created: Option<Timestamp>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub latest_age_seconds: Option<i64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub next_rotation_due: Option<Timestamp>,
+    pub overdue: bool,
+    pub usable_versions: Vec<u32>,
+    pub retired_versions: Vec<u32>,
+    /// Versions below this were trimmed (0: none).
+    pub disposed_below: u32,
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub drift: Vec<String>,
+}
+
+/// Summarizes a key; `grace` is how late a rotation may be before it counts as overdue.
+pub fn key_status(
+    policy: &KeyPolicy,
+    obs: &Observation,
+    now: Timestamp,
+    grace: SignedDuration,
+) -> KeyStatus {
+    let mut s = KeyStatus {
+        key: policy.name.clone(),
+        mount: policy.mount.clone(),
+        exists: false,
+        key_type: None,
+        latest_version: 0,
+        latest_created: None,
+        latest_age_seconds: None,
+        next_rotation_due: None,
+        overdue: false,
+        usable_versions: Vec::new(),
+        retired_versions: Vec::new(),
+        disposed_below: 0,
+        drift: Vec::new(),
+    };
+    let Observation::Present { key, record } = obs else {
+        s.overdue = true;
+        s.drift.push("missing in Vault".into());
+        return s;
+    };
+    s.exists = true;
+    s.key_type = Some(key.key_type.clone());
+    s.latest_version = key.latest_version;
+    s.latest_created = key.created(record, key.latest_version);
+    s.latest_age_seconds = s.latest_created.map(|c| now.duration_since(c).as_secs());
+    s.next_rotation_due = s
+        .latest_created
+        .and_then(|c| c.checked_add(policy.rotate_every.signed()).ok());
+    s.overdue = s
+        .next_rotation_due
+        .is_some_and(|due| now.duration_since(due) >= grace);
+    s.usable_versions = (key.min_usable()..=key.latest_version).collect();
+    s.retired_versions = (key.min_available()..key.min_usable()).collect();
+    s.disposed_below = key.min_available_version;
+    s.drift = drift(policy, key);
+    s
+}
+
+#[cfg(test)]
+mod tests {
+    use std::collections::BTreeMap;
+
+    use proptest::prelude::*;
+
+    use super::*;
+    use crate::duration::Span;
+    use crate::policy::Retention;
+
+    const DAY: i64 = 86_400;
+
+    fn t(secs: i64) -> Timestamp {
+        Timestamp::from_second(1_800_000_000 + secs).unwrap()
+    }
+
+    fn policy(
+        rotate: i64,
+        keep: Option<u32>,
+        retain: Option<i64>,
+        dispose: Option<i64>,
+    ) -> KeyPolicy {
+        KeyPolicy {
+            name: KeyName::new("k").unwrap(),
+            mount: "transit".into(),
+            key_type: KeyType::Aes256Gcm96,
+            exportable: false,
+            key_size: None,
+            rotate_every: Span::from_secs(rotate as u64),
+            retention: Retention {
+                keep_versions: keep,
+                retain_for: retain.map(|s| Span::from_secs(s as u64)),
+                dispose_after: dispose.map(|s| Span::from_secs(s as u64)),
+            },
+            line: 1,
+        }
+    }
+
+    /// A key whose version v was created at `created[v-1]`.
+    fn key(created: &[i64], min_dec: u32, min_avail: u32) -> TransitKey {
+        let latest = created.len() as u32;
+        TransitKey {
+            name: "k".into(),
+            key_type: "aes256-gcm96".into(),
+            exportable: false,
+            deletion_allowed: false,
+            latest_version: latest,
+            min_decryption_version: min_dec,
+            min_encryption_version: 0,
+            min_available_version: min_avail,
+            versions: (1..=latest)
+                .filter(|v| *v >= min_avail.max(1))
+                .map(|v| (v, t(created[v as usize - 1])))
+                .collect(),
+            public_keys: BTreeMap::new(),
+        }
+    }
+
+    fn verbs(p: &KeyPlan) -> Vec<&'static str> {
+        p.actions.iter().map(Action::verb).collect()
+    }
+
+    #[test]
+    fn missing_key_is_created_and_nothing_else() {
+        let p = plan_key(
+            &policy(90 * DAY, Some(2), None, None),
+            &Observation::Missing,
+            t(0),
+        );
+        assert_eq!(verbs(&p), ["create"]);
+    }
+
+    #[test]
+    fn rotates_only_when_latest_reaches_rotate_every() {
+        let pol = policy(90 * DAY, None, None, None);
+        let obs = Observation::present(key(&[0], 1, 0), KeyRecord::default());
+        assert!(plan_key(&pol, &obs, t(90 * DAY - 1)).actions.is_empty());
+        let p = plan_key(&pol, &obs, t(90 * DAY));
+        assert_eq!(verbs(&p), ["rotate"]);
+        assert!(
+            p.actions[0].reason().contains("v1 is 90d old"),
+            "{}",
+            p.actions[0].reason()
+        );
+        // However overdue, one version per run.
+        assert_eq!(verbs(&plan_key(&pol, &obs, t(900 * DAY))), ["rotate"]);
+    }
+
+    #[test]
+    fn no_retention_configured_means_nothing_destructive() {
+        let pol = policy(DAY, None, None, None);
+        let obs =
+            Observation::present(key(&[0, DAY, 2 * DAY, 3 * DAY], 1, 0), KeyRecord::default());
+        assert_eq!(
+            verbs(&plan_key(&pol, &obs, t(3 * DAY + 10))),
+            Vec::<&str>::new()
+        );
+    }
+
+    #[test]
+    fn keep_versions_retires_everything_older_than_the_newest_n() {
+        let pol = policy(100 * DAY, Some(2), None, None);
+        let obs = Observation::present(key(&[0, 1, 2, 3], 1, 0), KeyRecord::default());
+        let p = plan_key(&pol, &obs, t(10));
+        assert_eq!(
+            p.actions,
+            vec![Action::Retire {
+                previous: 1,
+                min_decryption_version: 3,
+                reason: "v1–v2 outside the newest 2 (keep_versions)".into()
+            }]
+        );
+    }
+
+    #[test]
+    fn retain_for_waits_until_the_successor_is_old_enough() {
+        let pol = policy(100 * DAY, None, Some(3), None);
+        let obs = Observation::present(key(&[0, 10], 1, 0), KeyRecord::default());
+        assert!(plan_key(&pol, &obs, t(12)).actions.is_empty());
+        assert_eq!(verbs(&plan_key(&pol, &obs, t(13))), ["retire"]);
+    }
+
+    #[test]
+    fn dispose_waits_for_dispose_after_since_recorded_retirement() {
+        let pol = policy(100 * DAY, Some(1), None, Some(5));
+        let obs = Observation::present(key(&[0, 1, 2], 3, 0), KeyRecord::default());
+        // Retired outside keyroll: record first, dispose later.
+        assert_eq!(verbs(&plan_key(&pol, &obs, t(10))), ["record-retired"]);
+        let rec = KeyRecord {
+            retired: [(1, t(10)), (2, t(12))].into(),
+            ..Default::default()
+        };
+        let obs = Observation::present(key(&[0, 1, 2], 3, 0), rec);
+        assert!(plan_key(&pol, &obs, t(14)).actions.is_empty());
+        let p = plan_key(&pol, &obs, t(15));
+        assert_eq!(
+            p.actions,
+            vec![Action::Dispose {
+                previous: 0,
+                min_available_version: 2,
+                raise_min_encryption_version: Some(2),
+                reason: "v1 retired 5s ago; dispose_after = 5s".into()
+            }]
+        );
+        assert!(matches!(
+            plan_key(&pol, &obs, t(17)).actions[..],
+            [Action::Dispose {
+                min_available_version: 3,
+                ..
+            }]
+        ));
+    }
+
+    #[test]
+    fn drifted_key_gets_no_action() {
+        let mut pol = policy(DAY, Some(1), None, None);
+        pol.key_type = KeyType::Rsa2048;
+        let obs = Observation::present(key(&[0, 1, 2], 1, 0), KeyRecord::default());
+        let p = plan_key(&pol, &obs, t(100 * DAY));
+        assert!(p.actions.is_empty());
+        assert_eq!(
+            p.drift,
+            ["policy says type rsa-2048 but Vault has aes256-gcm96"]
+        );
+    }
+
+    #[test]
+    fn hmac_versions_without_creation_time_are_recorded_not_rotated() {
+        let mut pol = policy(DAY, None, None, None);
+        pol.key_type = KeyType::Hmac;
+        let mut k = key(&[0, 1], 1, 0);
+        k.key_type = "hmac".into();
+        k.versions.clear();
+        let obs = Observation::present(k.clone(), KeyRecord::default());
+        let p = plan_key(&pol, &obs, t(100 * DAY));
+        assert_eq!(verbs(&p), ["record-created"]);
+        let rec = KeyRecord {
+            created: [(1, t(0)), (2, t(1))].into(),
+            ..Default::default()
+        };
+        assert_eq!(
+            verbs(&plan_key(&pol, &Observation::present(k, rec), t(100 * DAY))),
+            ["rotate"]
+        );
+    }
+
+    #[test]
+    fn status_reports_overdue_and_versions() {
+        let pol = policy(10, Some(1), None, None);
+        let obs = Observation::present(key(&[0, 1, 2], 2, 2), KeyRecord::default());
+        let s = key_status(&pol, &obs, t(20), SignedDuration::ZERO);
+        assert!(s.overdue);
+        assert_eq!(s.usable_versions, [2, 3]);
+        assert!(s.retired_versions.is_empty());
+        assert_eq!(s.disposed_below, 2);
+        let s = key_status(&pol, &obs, t(5), SignedDuration::ZERO);
+        assert!(!s.overdue);
+    }
+
+    prop_compose! {
+        fn arb_case()(
+            gaps in prop::collection::vec(1i64..50, 1..8),
+            min_dec_off in 0u32..8,
+            min_avail_off in 0u32..8,
+            keep in prop::option::of(1u32..5),
+            retain in prop::option::of(1i64..120),
+            dispose in prop::option::of(1i64..120),
+            retired_at in prop::collection::vec(prop::option::of(0i64..400), 8),
+            now in 0i64..600,
+            rotate in 1i64..200,
+            wrong_type in prop::bool::weighted(0.1),
+        ) -> (KeyPolicy, TransitKey, KeyRecord, Timestamp) {
+            let mut created = Vec::new();
+            let mut acc = 0;
+            for g in gaps { acc += g; created.push(acc); }
+            let latest = created.len() as u32;
+            let min_dec = 1 + min_dec_off % latest;
+            let min_avail = if min_avail_off == 0 { 0 } else { 1 + min_avail_off % min_dec };
+            let mut k = key(&created, min_dec, min_avail);
+            if wrong_type { k.key_type = "ed25519".into(); }
+            let dispose = if keep.is_some() || retain.is_some() { dispose } else { None };
+            let rec = KeyRecord {
+                retired: (1..min_dec).filter_map(|v| retired_at[v as usize - 1].map(|s| (v, t(s)))).collect(),
+                ..Default::default()
+            };
+            (policy(rotate, keep, retain, dispose), k, rec, t(now))
+        }
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(4000))]
+
+        #[test]
+        fn planner_never_breaks_retention((pol, k, rec, now) in arb_case()) {
+            let p = plan_key(&pol, &Observation::present(k.clone(), rec.clone()), now);
+            if !p.drift.is_empty() {
+                prop_assert!(p.actions.is_empty(), "drifted key got actions");
+            }
+            let r = pol.retention;
+            for a in &p.actions {
+                match a {
+                    Action::Retire { previous, min_decryption_version: to, .. } => {
+                        prop_assert!(r.retires());
+                        prop_assert!(*to > *previous, "lowered min_decryption_version");
+                        prop_assert!(*to <= k.latest_version, "retired the latest version");
+                        if let Some(n) = r.keep_versions {
+                            prop_assert!(*to + n - 1 <= k.latest_version, "retired inside keep_versions");
+                        }
+                        for v in k.min_usable()..*to {
+                            if let Some(d) = r.retain_for {
+                                let succ = k.versions[&(v + 1)];
+                                prop_assert!(now.duration_since(succ) >= d.signed(), "retired inside retain_for");
+                            }
+                        }
+                    }
+                    Action::Dispose { previous, min_available_version: to, raise_min_encryption_version, .. } => {
+                        let after = r.dispose_after.expect("dispose without dispose_after");
+                        prop_assert!(*to > (*previous).max(1), "lowered min_available_version");
+                        prop_assert!(*to <= k.min_usable(), "trimmed a usable version");
+                        prop_assert!(*to <= k.latest_version, "trimmed the latest version");
+                        if let Some(n) = r.keep_versions {
+                            prop_assert!(*to + n - 1 <= k.latest_version, "trimmed inside keep_versions");
+                        }
+                        for v in k.min_available()..*to {
+                            let at = rec.retired.get(&v).copied();
+                            prop_assert!(at.is_some_and(|at| now.duration_since(at) >= after.signed()), "trimmed before dispose_after");
+                            if let Some(d) = r.retain_for {
+                                prop_assert!(now.duration_since(k.versions[&(v + 1)]) >= d.signed(), "trimmed inside retain_for");
+                            }
+                        }
+                        let enc = raise_min_encryption_version.unwrap_or(k.min_encryption_version);
+                        prop_assert!(enc >= *to && enc >= k.min_encryption_version);
+                    }
+                    Action::Rotate { from_version, .. } => {
+                        prop_assert_eq!(*from_version, k.latest_version);
+                        prop_assert!(now.duration_since(k.versions[from_version]) >= pol.rotate_every.signed());
+                    }
+                    _ => {}
+                }
+            }
+            let rotations = p.actions.iter().filter(|a| a.verb() == "rotate").count();
+            prop_assert!(rotations <= 1);
+        }
+    }
+}
