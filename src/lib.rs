@@ -4,6 +4,7 @@
 //! small and each owns one thing (Vault HTTP, file publishing, notifications).
 #![forbid(unsafe_code)]
 
+pub mod keyformat;
 pub mod keyname;
 pub mod keytype;
 
