@@ -7,6 +7,7 @@
 pub mod keyformat;
 pub mod keyname;
 pub mod keytype;
+pub mod publish;
 pub mod render;
 
 pub use keyname::KeyName;
