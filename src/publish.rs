@@ -770,6 +770,59 @@ mod tests {
         assert!(fs::symlink_metadata(dir.join(DATA_TMP)).is_err());
     }
 
+    /// The sidecar's path end to end: render opendkim output for this directory, publish it,
+    /// and every key file KeyTable names exists through the visible path, secret, and loads in
+    /// OpenSSL (when the CLI is installed) as the key type it claims.
+    #[test]
+    fn rendered_opendkim_output_resolves_through_the_published_directory() {
+        use crate::render::testutil::{ed25519_key, rsa_key, ts};
+        use crate::render::{render, OpenDkimSpec, OutputSpec};
+        let tmp = tempfile::tempdir().unwrap();
+        let dir = tmp.path();
+        let spec = |t: &str| {
+            OutputSpec::OpenDkim(OpenDkimSpec {
+                domain: "example.com".into(),
+                selector_template: t.into(),
+                activate_after: None,
+            })
+        };
+        let t0 = "2026-01-01T00:00:00Z";
+        let keys = vec![
+            (spec("ed{version}"), ed25519_key("ed", &[(1, t0), (2, t0)])),
+            (spec("rsa{version}"), rsa_key("rsa", &[(1, t0)])),
+        ];
+        let set = render(dir, &keys, ts(t0)).unwrap();
+        publish(dir, &set, &PublishOptions::default()).unwrap();
+        let table = fs::read_to_string(dir.join("KeyTable")).unwrap();
+        assert_eq!(table.lines().count(), 3);
+        let openssl = std::process::Command::new("openssl")
+            .arg("version")
+            .output()
+            .is_ok_and(|o| o.status.success());
+        for line in table.lines() {
+            let path = line.rsplit(':').next().unwrap();
+            assert!(path.starts_with(&*dir.to_string_lossy()), "{path}");
+            assert_eq!(mode(Path::new(path)), 0o600, "{path}");
+            if openssl {
+                let out = std::process::Command::new("openssl")
+                    .args(["pkey", "-noout", "-text", "-in", path])
+                    .output()
+                    .unwrap();
+                assert!(out.status.success(), "openssl cannot load {path}");
+                let text = String::from_utf8_lossy(&out.stdout);
+                let want = if line.starts_with("ed") {
+                    "ED25519 Private-Key"
+                } else {
+                    "Private-Key: (1024 bit"
+                };
+                assert!(text.contains(want), "{path}: not {want}");
+            }
+        }
+        let signing = fs::read_to_string(dir.join("SigningTable")).unwrap();
+        assert!(signing.contains("*@example.com ed2._domainkey.example.com\n"));
+        assert!(dir.join("dns/ed2._domainkey.example.com.txt").is_file());
+    }
+
     /// A reader that resolves KeyTable and then every key file it names, through the visible
     /// names, while sets keep changing (keys come and go). If `..data` did not move while it
     /// read, everything it read must be one complete, consistent set.

@@ -159,6 +159,7 @@ impl FileSet {
             .iter()
             .map(|f| f.path.split('/').next().unwrap_or(""))
             .collect();
+        tops.sort_unstable();
         tops.dedup();
         tops
     }

@@ -16,6 +16,11 @@
 //! dns/<sel>._domainkey.<dom>.txt            BIND zone line with the TXT record
 //! dns/records.json                          every record, unsplit, for DNS pipelines
 //! ```
+//!
+//! Several keys may sign for one domain (say rsa and ed25519 side by side): each gets its own
+//! SigningTable line, so OpenDKIM needs `MultipleSignatures yes` to sign with all of them; their
+//! selector templates must differ (e.g. `{name}-{version}`), else their files collide and
+//! rendering fails naming both keys.
 
 use std::collections::BTreeMap;
 use std::path::Path;
