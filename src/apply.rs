@@ -11,15 +11,17 @@ use futures::StreamExt;
 use jiff::Timestamp;
 use serde::Serialize;
 use tokio::sync::watch;
+use tracing::Instrument;
 
 use crate::events::{Event, EventKind};
 use crate::lock::{self, LockError};
 use crate::observe::{observe_all, observe_key, read_record, write_record};
 use crate::planner::{plan_key, Action, KeyPlan};
-use crate::policy::{KeyPolicy, Policy};
+use crate::policy::{KeyPolicy, Policy, StateSettings};
 use crate::state::Observation;
 use crate::vault::transit::NewKey;
 use crate::vault::{Vault, VaultError};
+use crate::KeyName;
 
 /// How many times one key is re-read and re-planned after ambiguous failures.
 pub const MAX_ATTEMPTS: u32 = 3;
@@ -161,7 +163,12 @@ pub async fn apply(
             Ok((_, plan)) if plan.actions.is_empty() => {}
             Ok((_, plan)) if opts.dry_run => out.actions = plan.actions,
             Ok(_) if *shutdown.borrow() => out.skipped = true,
-            Ok(_) => converge_key(vault, policy, &k, opts, clock, &mut out, &mut events).await,
+            Ok(_) => {
+                let span = tracing::info_span!("key", key = %k.name, mount = %k.mount);
+                converge_key(vault, policy, &k, opts, clock, &mut out, &mut events)
+                    .instrument(span)
+                    .await
+            }
         }
         (out, events)
     });
@@ -207,8 +214,6 @@ async fn converge_key(
     out: &mut KeyOutcome,
     events: &mut Vec<Event>,
 ) {
-    let span = tracing::info_span!("key", key = %k.name, mount = %k.mount);
-    let _enter = span.enter();
     let held = match lock::acquire(
         vault,
         &policy.state,
@@ -296,8 +301,8 @@ async fn execute(
                 if *key_type == crate::KeyType::Hmac {
                     record(
                         vault,
-                        policy,
-                        k,
+                        &policy.state,
+                        (m, n),
                         |r, now| {
                             r.created.insert(1, now);
                         },
@@ -309,8 +314,8 @@ async fn execute(
             Action::RecordCreated { versions, reason } => {
                 record(
                     vault,
-                    policy,
-                    k,
+                    &policy.state,
+                    (m, n),
                     |r, now| {
                         for v in versions {
                             r.created.entry(*v).or_insert(now);
@@ -339,8 +344,8 @@ async fn execute(
                 if k.key_type == crate::KeyType::Hmac {
                     record(
                         vault,
-                        policy,
-                        k,
+                        &policy.state,
+                        (m, n),
                         |r, now| {
                             r.created.insert(latest, now);
                         },
@@ -360,8 +365,8 @@ async fn execute(
                 let from = (*previous).max(1);
                 record(
                     vault,
-                    policy,
-                    k,
+                    &policy.state,
+                    (m, n),
                     |r, now| {
                         for v in from..*to {
                             r.retired.entry(v).or_insert(now);
@@ -374,8 +379,8 @@ async fn execute(
             Action::RecordRetired { versions, reason } => {
                 record(
                     vault,
-                    policy,
-                    k,
+                    &policy.state,
+                    (m, n),
                     |r, now| {
                         for v in versions {
                             r.retired.entry(*v).or_insert(now);
@@ -403,8 +408,8 @@ async fn execute(
                 events.push(ev(EventKind::Disposed, reason).version(*to));
                 record(
                     vault,
-                    policy,
-                    k,
+                    &policy.state,
+                    (m, n),
                     |r, _| {
                         r.created.retain(|v, _| v >= to);
                         r.retired.retain(|v, _| v >= to);
@@ -422,14 +427,14 @@ async fn execute(
 /// Read-modify-write of keyroll's record for `k` (we hold the key's lock).
 async fn record(
     vault: &Vault,
-    policy: &Policy,
-    k: &KeyPolicy,
+    state: &StateSettings,
+    (mount, name): (&str, &KeyName),
     change: impl FnOnce(&mut crate::state::KeyRecord, Timestamp),
     clock: &Clock,
 ) -> Result<(), VaultError> {
-    let (mut rec, version) = read_record(vault, &policy.state, &k.mount, &k.name).await?;
+    let (mut rec, version) = read_record(vault, state, mount, name).await?;
     change(&mut rec, clock());
-    write_record(vault, &policy.state, &k.mount, &k.name, &rec, version)
+    write_record(vault, state, mount, name, &rec, version)
         .await
         .map(drop)
 }
@@ -438,14 +443,13 @@ async fn record(
 /// (suspected compromise). The key must exist; nothing is created.
 pub async fn rotate_now(
     vault: &Vault,
-    policy: &Policy,
-    k: &KeyPolicy,
+    state: &StateSettings,
+    (m, n): (&str, &KeyName),
     retire_previous: bool,
     opts: &ApplyOptions,
     clock: &Clock,
 ) -> Result<(u32, Vec<Event>), RotateError> {
-    let (m, n) = (k.mount.as_str(), &k.name);
-    let held = lock::acquire(vault, &policy.state, m, n, &opts.holder, opts.lock_wait)
+    let held = lock::acquire(vault, state, m, n, &opts.holder, opts.lock_wait)
         .await
         .map_err(RotateError::Lock)?;
     let result = async {
@@ -492,8 +496,8 @@ pub async fn rotate_now(
         if after.key_type == "hmac" {
             record(
                 vault,
-                policy,
-                k,
+                state,
+                (m, n),
                 |r, now| {
                     r.created.insert(latest, now);
                 },
@@ -516,8 +520,8 @@ pub async fn rotate_now(
             );
             record(
                 vault,
-                policy,
-                k,
+                state,
+                (m, n),
                 |r, now| {
                     for v in from..latest {
                         r.retired.entry(v).or_insert(now);

@@ -77,7 +77,10 @@ mod tests {
         let e = Event::new("r1", EventKind::Rotated, t, "v1 is 91d old")
             .for_key("transit", "k")
             .version(2);
-        AuditLog::open(&p).unwrap().append(std::slice::from_ref(&e)).unwrap();
+        AuditLog::open(&p)
+            .unwrap()
+            .append(std::slice::from_ref(&e))
+            .unwrap();
         AuditLog::open(&p).unwrap().append(&[e]).unwrap();
         let text = std::fs::read_to_string(&p).unwrap();
         let lines: Vec<serde_json::Value> = text

@@ -300,6 +300,8 @@ impl Vault {
                 ca_cert: cfg.ca_cert,
             }),
         };
+        // Unauthenticated first: "unreachable" and "sealed" are clearer than a failed login.
+        vault.health().await?;
         vault.login().await?;
         Ok(vault)
     }
@@ -609,6 +611,12 @@ impl Vault {
         if v.get("sealed").and_then(Value::as_bool) == Some(true) {
             return Err(VaultError::Sealed {
                 addr: self.address().to_string(),
+            });
+        }
+        if v.get("initialized").and_then(Value::as_bool) == Some(false) {
+            return Err(VaultError::Unreachable {
+                addr: self.address().to_string(),
+                reason: "Vault is not initialized".into(),
             });
         }
         Ok(v)
