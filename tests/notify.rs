@@ -74,7 +74,13 @@ impl Smtp {
         let maildir = dir.path().join("maildir");
         let port = free_port();
         let child = Command::new(root().join(".venv/bin/aiosmtpd"))
-            .args(["-n", "-l", &format!("127.0.0.1:{port}"), "-c", "aiosmtpd.handlers.Mailbox"])
+            .args([
+                "-n",
+                "-l",
+                &format!("127.0.0.1:{port}"),
+                "-c",
+                "aiosmtpd.handlers.Mailbox",
+            ])
             .arg(&maildir)
             .stdout(Stdio::null())
             .stderr(Stdio::null())
@@ -97,7 +103,8 @@ impl Smtp {
         let Ok(rd) = std::fs::read_dir(self.maildir.join("new")) else {
             return Vec::new();
         };
-        rd.map(|e| std::fs::read_to_string(e.unwrap().path()).unwrap()).collect()
+        rd.map(|e| std::fs::read_to_string(e.unwrap().path()).unwrap())
+            .collect()
     }
 }
 
@@ -132,7 +139,9 @@ fn webhook_and_email_receive_the_runs_events_signed() {
     let (code, out, err) = run(bao.keyroll("keyroll").arg("-c").arg(&policy).arg("apply"));
     assert_eq!(code, 0, "{out}\n{err}");
 
-    let req = requests.recv_timeout(Duration::from_secs(10)).expect("webhook POST");
+    let req = requests
+        .recv_timeout(Duration::from_secs(10))
+        .expect("webhook POST");
     let body: Value = serde_json::from_slice(&req.body).unwrap();
     assert_eq!(body["source"], "keyroll");
     let ev = &body["events"][0];
@@ -147,7 +156,12 @@ fn webhook_and_email_receive_the_runs_events_signed() {
         .expect("signature header");
     let mut mac = Hmac::<Sha256>::new_from_slice(b"s3cret-webhook-key").unwrap();
     mac.update(&req.body);
-    let want: String = mac.finalize().into_bytes().iter().map(|b| format!("{b:02x}")).collect();
+    let want: String = mac
+        .finalize()
+        .into_bytes()
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect();
     assert_eq!(sig, format!("sha256={want}"));
 
     let deadline = Instant::now() + Duration::from_secs(10);
@@ -159,14 +173,21 @@ fn webhook_and_email_receive_the_runs_events_signed() {
         std::thread::sleep(Duration::from_millis(100));
     };
     assert_eq!(msgs.len(), 1, "one summary mail per run");
-    assert!(msgs[0].contains("Subject: [keyroll] 1 key change(s)"), "{}", msgs[0]);
+    assert!(
+        msgs[0].contains("Subject: [keyroll] 1 key change(s)"),
+        "{}",
+        msgs[0]
+    );
     assert!(msgs[0].contains(&name), "{}", msgs[0]);
     assert!(msgs[0].contains("dpo@example.com"));
 
     // Nothing changed on a second run: nobody is bothered.
     let (code, _, _) = run(bao.keyroll("keyroll").arg("-c").arg(&policy).arg("apply"));
     assert_eq!(code, 0);
-    assert!(requests.recv_timeout(Duration::from_millis(500)).is_err(), "webhook sent for a no-op run");
+    assert!(
+        requests.recv_timeout(Duration::from_millis(500)).is_err(),
+        "webhook sent for a no-op run"
+    );
 }
 
 #[test]
@@ -203,6 +224,15 @@ fn receivers_that_are_down_never_block_rotation() {
         .lines()
         .map(|l| serde_json::from_str(l).unwrap())
         .collect();
-    assert!(lines.iter().any(|e| e["kind"] == "created" && e["key"] == name.as_str()));
-    assert_eq!(lines.iter().filter(|e| e["kind"] == "notify_failed").count(), 2, "{lines:?}");
+    assert!(lines
+        .iter()
+        .any(|e| e["kind"] == "created" && e["key"] == name.as_str()));
+    assert_eq!(
+        lines
+            .iter()
+            .filter(|e| e["kind"] == "notify_failed")
+            .count(),
+        2,
+        "{lines:?}"
+    );
 }
