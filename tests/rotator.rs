@@ -558,7 +558,7 @@ fn key_material_and_tokens_never_reach_logs_or_output() {
 
     let mut captured = String::new();
     for args in [
-        vec!["--log-level", "trace", "apply"],
+        vec!["--log-level", "trace,keyroll=trace", "apply"],
         vec![
             "--log-level",
             "trace",
@@ -575,8 +575,8 @@ fn key_material_and_tokens_never_reach_logs_or_output() {
             names[0].as_str(),
             "--retire-previous",
         ],
-        vec!["--log-level", "trace", "status", "-o", "json"],
-        vec!["--log-level", "trace", "plan"],
+        vec!["--log-level", "trace,keyroll=trace", "status", "-o", "json"],
+        vec!["--log-level", "trace,keyroll=trace", "plan"],
     ] {
         std::thread::sleep(Duration::from_millis(1100));
         let (_, out, err) = keyroll(bao, &path, &args);

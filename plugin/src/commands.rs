@@ -536,6 +536,8 @@ struct InventoryRow {
     exportable: bool,
     min_decryption_version: u32,
     min_available_version: u32,
+    /// False when the token may list the key but not read it.
+    readable: bool,
 }
 
 async fn inventory(cli: &Cli, policy: &Policy, mounts: &[String]) -> anyhow::Result<u8> {
@@ -567,8 +569,29 @@ async fn inventory(cli: &Cli, policy: &Policy, mounts: &[String]) -> anyhow::Res
                 .collect()
                 .await;
         for (n, k) in reads {
-            let Some(k) = k? else { continue };
+            // A key the token may list but not read is still "in use": show it, don't stop.
+            let k = match k {
+                Ok(Some(k)) => k,
+                Ok(None) => continue,
+                Err(keyroll::vault::VaultError::PermissionDenied { .. }) => {
+                    rows.push(InventoryRow {
+                        managed: policy.keys.iter().any(|p| p.mount == *mount && p.name == n),
+                        mount: mount.clone(),
+                        name: n.to_string(),
+                        key_type: "(unreadable: permission denied)".into(),
+                        latest_version: 0,
+                        latest_created: None,
+                        exportable: false,
+                        min_decryption_version: 0,
+                        min_available_version: 0,
+                        readable: false,
+                    });
+                    continue;
+                }
+                Err(e) => return Err(e.into()),
+            };
             rows.push(InventoryRow {
+                readable: true,
                 managed: policy.keys.iter().any(|p| p.mount == *mount && p.name == n),
                 mount: mount.clone(),
                 name: n.to_string(),

@@ -41,7 +41,8 @@ fn one_line(e: &anyhow::Error) -> String {
 
 fn init_logging(cli: &cli::Cli) {
     use tracing_subscriber::EnvFilter;
-    let filter = EnvFilter::try_new(&cli.log_level).unwrap_or_else(|_| EnvFilter::new("info"));
+    let filter = EnvFilter::try_new(log_directives(&cli.log_level))
+        .unwrap_or_else(|_| EnvFilter::new("info"));
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr)
@@ -50,5 +51,16 @@ fn init_logging(cli: &cli::Cli) {
     match cli.log_format {
         cli::LogFormat::Json => builder.json().flatten_event(true).init(),
         cli::LogFormat::Text => builder.compact().init(),
+    }
+}
+
+/// A bare level (`debug`) applies to keyroll itself, with dependencies at `warn` (vaultrs's own
+/// error logs off: keyroll reports those errors with more context). Anything with `=` or `,` is
+/// a full `tracing` filter, used as given.
+fn log_directives(level: &str) -> String {
+    if level.contains('=') || level.contains(',') {
+        level.to_string()
+    } else {
+        format!("warn,vaultrs=off,rustify=off,keyroll={level},keyroll_cli={level}")
     }
 }

@@ -23,8 +23,10 @@ use crate::error_chain;
 
 /// Renew a token once this fraction of its TTL has passed.
 const RENEW_AT_FRACTION: f64 = 2.0 / 3.0;
-/// Never sleep less than this between renewals, even for very short TTLs.
-const MIN_RENEW_INTERVAL: Duration = Duration::from_secs(5);
+/// Do not renew more often than this, unless the TTL itself is shorter than twice this.
+const MIN_RENEW_INTERVAL: Duration = Duration::from_secs(1);
+/// After a failed login, try again this soon.
+const RELOGIN_RETRY: Duration = Duration::from_secs(5);
 
 /// Values given on the command line; they beat environment and file.
 #[derive(Debug, Clone, Default)]
@@ -397,31 +399,50 @@ impl Vault {
                 return;
             }
         };
+        // The TTL a fresh login grants; a renewal that yields much less means the token is
+        // close to its max TTL, so log in again before it dies rather than after.
+        let mut full_ttl = lease.ttl;
         loop {
             if lease.ttl.is_zero() {
                 return;
             }
-            let wait = lease.ttl.mul_f64(RENEW_AT_FRACTION).max(MIN_RENEW_INTERVAL);
+            let wait = lease
+                .ttl
+                .mul_f64(RENEW_AT_FRACTION)
+                .max(MIN_RENEW_INTERVAL.min(lease.ttl / 2));
             tokio::select! {
                 _ = tokio::time::sleep(wait) => {}
                 _ = stop.changed() => return,
             }
-            lease = match self.renew().await {
-                Ok(l) if l.ttl >= wait / 2 => l,
+            let renewed = if lease.renewable {
+                Some(self.renew().await)
+            } else {
+                None
+            };
+            lease = match renewed {
+                Some(Ok(l)) if l.ttl >= full_ttl / 2 => l,
                 other => {
-                    if let Err(e) = &other {
-                        tracing::warn!(error = %e, "token renewal failed; logging in again");
+                    match other {
+                        Some(Err(e)) => {
+                            tracing::warn!(error = %e, "token renewal failed; logging in again")
+                        }
+                        Some(Ok(_)) => tracing::debug!("token near its max TTL; logging in again"),
+                        None => tracing::debug!("token not renewable; logging in again"),
                     }
                     match self.login().await {
-                        Ok(l) if !l.ttl.is_zero() => l,
-                        Ok(_) => self.lookup_lease().await.unwrap_or(TokenLease {
-                            ttl: MIN_RENEW_INTERVAL * 6,
-                            renewable: false,
-                        }),
+                        Ok(l) if !l.ttl.is_zero() => {
+                            full_ttl = l.ttl;
+                            l
+                        }
+                        // Static token or token file: ask Vault what is left, if anything.
+                        Ok(_) => match self.lookup_lease().await {
+                            Ok(l) if !l.ttl.is_zero() => l,
+                            _ => return,
+                        },
                         Err(e) => {
                             tracing::error!(error = %e, "Vault login failed; retrying");
                             TokenLease {
-                                ttl: MIN_RENEW_INTERVAL * 6,
+                                ttl: RELOGIN_RETRY * 2,
                                 renewable: false,
                             }
                         }
