@@ -4,8 +4,11 @@
 //! small and each owns one thing (Vault HTTP, file publishing, notifications).
 #![forbid(unsafe_code)]
 
+pub mod keyformat;
 pub mod keyname;
 pub mod keytype;
+pub mod publish;
+pub mod render;
 
 pub use keyname::KeyName;
 pub use keytype::KeyType;
