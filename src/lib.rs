@@ -12,9 +12,31 @@ pub mod render;
 
 pub use keyname::KeyName;
 pub use keytype::KeyType;
+pub mod audit;
 pub mod config;
 pub mod duration;
+pub mod events;
+pub mod notify;
 pub mod planner;
 pub mod policy;
 pub mod state;
 pub mod vault;
+
+/// An error with its causes, `a: b: c`. reqwest and lettre put the useful part ("connection
+/// refused") in the source chain, which their Display omits.
+pub fn error_chain(e: &dyn std::error::Error) -> String {
+    let mut s = e.to_string();
+    let mut cur = e.source();
+    while let Some(c) = cur {
+        let m = c.to_string();
+        if !s.contains(&m) {
+            s.push_str(": ");
+            s.push_str(&m);
+        }
+        cur = c.source();
+    }
+    s
+}
+pub mod apply;
+pub mod lock;
+pub mod observe;

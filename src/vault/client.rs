@@ -19,6 +19,7 @@ use url::Url;
 
 use super::error::{clean_message, VaultError};
 use crate::config::{VaultSettings, DEFAULT_VAULT_TIMEOUT_SECS};
+use crate::error_chain;
 
 /// Renew a token once this fraction of its TTL has passed.
 const RENEW_AT_FRACTION: f64 = 2.0 / 3.0;
@@ -299,6 +300,8 @@ impl Vault {
                 ca_cert: cfg.ca_cert,
             }),
         };
+        // Unauthenticated first: "unreachable" and "sealed" are clearer than a failed login.
+        vault.health().await?;
         vault.login().await?;
         Ok(vault)
     }
@@ -610,24 +613,14 @@ impl Vault {
                 addr: self.address().to_string(),
             });
         }
+        if v.get("initialized").and_then(Value::as_bool) == Some(false) {
+            return Err(VaultError::Unreachable {
+                addr: self.address().to_string(),
+                reason: "Vault is not initialized".into(),
+            });
+        }
         Ok(v)
     }
-}
-
-/// reqwest's Display hides the cause ("error sending request"); the chain says "connection
-/// refused", which is what an operator needs.
-fn error_chain(e: &dyn std::error::Error) -> String {
-    let mut s = e.to_string();
-    let mut cur = e.source();
-    while let Some(c) = cur {
-        let m = c.to_string();
-        if !s.contains(&m) {
-            s.push_str(": ");
-            s.push_str(&m);
-        }
-        cur = c.source();
-    }
-    s
 }
 
 #[cfg(test)]

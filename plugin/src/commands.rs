@@ -1,0 +1,682 @@
+//! The subcommands: each loads what it needs, calls the library, prints, and returns an exit
+//! code. Nothing here decides policy; that is the planner's job.
+
+use std::collections::BTreeSet;
+use std::time::Duration;
+
+use anyhow::Context;
+use futures::StreamExt as _;
+use jiff::Timestamp;
+use keyroll::apply::{self, ApplyOptions, ApplyReport, FailureClass};
+use keyroll::audit::AuditLog;
+use keyroll::duration::{human, Span};
+use keyroll::events::{Event, EventKind};
+use keyroll::observe::observe_all;
+use keyroll::planner::{key_status, Action};
+use keyroll::policy::Policy;
+use keyroll::vault::client::env_var;
+use keyroll::vault::{ClientConfig, ClientOverrides, Vault};
+use keyroll::KeyName;
+use serde::Serialize;
+use tokio::sync::watch;
+
+use crate::cli::{Cli, Command};
+use crate::exit;
+use crate::output::{emit, table};
+
+use crate::exit::UsageError;
+
+pub async fn run(cli: Cli) -> anyhow::Result<u8> {
+    let policy = Policy::load(&cli.config)?;
+    match &cli.command {
+        Command::Validate => {
+            let mounts: BTreeSet<&str> = policy.keys.iter().map(|k| k.mount.as_str()).collect();
+            println!(
+                "{}: OK ({} key(s) on {} mount(s))",
+                policy.path.display(),
+                policy.keys.len(),
+                mounts.len()
+            );
+            Ok(exit::OK)
+        }
+        Command::Plan { at } => plan(&cli, &policy, parse_at(at.as_deref())?).await,
+        Command::Apply { dry_run } => apply_cmd(&cli, &policy, *dry_run).await,
+        Command::Rotate {
+            key,
+            retire_previous,
+            mount,
+        } => rotate(&cli, &policy, key, *retire_previous, mount.as_deref()).await,
+        Command::Status { at, grace } => {
+            let grace = Span::parse(grace)
+                .map(|s| s.signed())
+                .or_else(|e| {
+                    if grace.trim() == "0s" || grace.trim() == "0" {
+                        Ok(jiff::SignedDuration::ZERO)
+                    } else {
+                        Err(e)
+                    }
+                })
+                .map_err(|e| UsageError(format!("--grace: {e}")))?;
+            status(&cli, &policy, parse_at(at.as_deref())?, grace).await
+        }
+        Command::Inventory { mount } => inventory(&cli, &policy, mount).await,
+        Command::Run { interval } => {
+            let interval = match interval {
+                Some(s) => Span::parse(s).map_err(|e| UsageError(format!("--interval: {e}")))?,
+                None => policy.run.interval,
+            };
+            daemon(&cli, policy, interval).await
+        }
+    }
+}
+
+fn parse_at(at: Option<&str>) -> Result<Timestamp, UsageError> {
+    let now = Timestamp::now();
+    match at {
+        None => Ok(now),
+        Some(s) if s.starts_with('+') => {
+            let d = Span::parse(&s[1..]).map_err(|e| UsageError(format!("--at: {e}")))?;
+            now.checked_add(d.signed())
+                .map_err(|e| UsageError(format!("--at: {e}")))
+        }
+        Some(s) => s.parse::<Timestamp>().map_err(|e| {
+            UsageError(format!(
+                "--at: {s:?} is not an RFC 3339 time like 2027-02-01T00:00:00Z or +90d ({e})"
+            ))
+        }),
+    }
+}
+
+async fn connect(cli: &Cli, policy: &Policy) -> anyhow::Result<Vault> {
+    let flags = ClientOverrides {
+        address: cli.vault.vault_addr.clone(),
+        namespace: cli.vault.namespace.clone(),
+        ca_cert: cli.vault.ca_cert.clone(),
+        allow_insecure_http: cli.vault.allow_insecure_http,
+    };
+    let cfg = ClientConfig::resolve(&policy.vault, &env_var, &flags)?;
+    Ok(Vault::connect(cfg).await?)
+}
+
+fn options(policy: &Policy, dry_run: bool) -> ApplyOptions {
+    ApplyOptions {
+        dry_run,
+        holder: keyroll::lock::holder_id(),
+        lock_wait: policy.state.lock_ttl.std() + Duration::from_secs(5),
+        run_id: keyroll::events::new_run_id(),
+    }
+}
+
+/// One line per failed key on stderr: `keyroll: error: KEY: what went wrong`.
+fn print_errors(failed: impl Iterator<Item = (String, String)>) {
+    for (key, err) in failed {
+        eprintln!("keyroll: error: {key}: {err}");
+    }
+}
+
+#[derive(Serialize)]
+struct PlanOut<'a> {
+    at: Timestamp,
+    keys: Vec<PlanKey<'a>>,
+}
+
+#[derive(Serialize)]
+struct PlanKey<'a> {
+    key: &'a str,
+    mount: &'a str,
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    drift: Vec<String>,
+    actions: Vec<Action>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    error: Option<String>,
+}
+
+async fn plan(cli: &Cli, policy: &Policy, at: Timestamp) -> anyhow::Result<u8> {
+    let vault = connect(cli, policy).await?;
+    let planned = apply::plan_all(&vault, policy, at).await;
+    let mut codes = vec![exit::OK];
+    let mut out = PlanOut {
+        at,
+        keys: Vec::new(),
+    };
+    let mut errors = Vec::new();
+    for (k, r) in &planned {
+        let mut pk = PlanKey {
+            key: k.name.as_str(),
+            mount: &k.mount,
+            drift: Vec::new(),
+            actions: Vec::new(),
+            error: None,
+        };
+        match r {
+            Ok((_, p)) => {
+                if !p.drift.is_empty() {
+                    codes.push(exit::ATTENTION);
+                }
+                pk.drift = p.drift.clone();
+                pk.actions = p.actions.clone();
+            }
+            Err(e) => {
+                codes.push(exit::of_class(FailureClass::of(e)));
+                errors.push((k.name.to_string(), e.to_string()));
+                pk.error = Some(e.to_string());
+            }
+        }
+        out.keys.push(pk);
+    }
+    emit(cli.output, &out, || {
+        let mut rows = Vec::new();
+        for k in &out.keys {
+            if let Some(e) = &k.error {
+                rows.push(vec![
+                    k.key.into(),
+                    k.mount.into(),
+                    "ERROR".into(),
+                    e.clone(),
+                ]);
+            } else if !k.drift.is_empty() {
+                rows.push(vec![
+                    k.key.into(),
+                    k.mount.into(),
+                    "DRIFT".into(),
+                    k.drift.join("; "),
+                ]);
+            } else if k.actions.is_empty() {
+                rows.push(vec![
+                    k.key.into(),
+                    k.mount.into(),
+                    "-".into(),
+                    "up to date".into(),
+                ]);
+            }
+            for a in &k.actions {
+                rows.push(vec![
+                    k.key.into(),
+                    k.mount.into(),
+                    a.verb().into(),
+                    a.reason().into(),
+                ]);
+            }
+        }
+        let n = out.keys.iter().map(|k| k.actions.len()).sum::<usize>();
+        format!(
+            "{}\nplan at {at}: {n} action(s)",
+            table(&["KEY", "MOUNT", "ACTION", "REASON"], &rows)
+        )
+    });
+    print_errors(errors.into_iter());
+    Ok(exit::worst(codes))
+}
+
+/// Audit, notify, print; returns the exit code of an apply.
+async fn finish(
+    cli: &Cli,
+    policy: &Policy,
+    report: &ApplyReport,
+    audit: &mut Option<AuditLog>,
+) -> u8 {
+    let mut codes = vec![exit::OK];
+    let mut events: Vec<Event> = report.events.clone();
+    if !report.dry_run {
+        for f in keyroll::notify::deliver(&policy.notify, &report.run_id, &events).await {
+            tracing::error!(error = %f, "notification failed (rotation is not affected)");
+            eprintln!("keyroll: error: {f}");
+            codes.push(exit::NOTIFY_FAILED);
+            events.push(Event::new(
+                &report.run_id,
+                EventKind::NotifyFailed,
+                Timestamp::now(),
+                f.to_string(),
+            ));
+        }
+        if let Some(a) = audit.as_mut() {
+            if let Err(e) = a.append(&events) {
+                tracing::error!(error = %e, "cannot write the audit log");
+                eprintln!("keyroll: error: {e}");
+                codes.push(exit::FAILURE);
+            }
+        }
+    }
+    for k in &report.keys {
+        if let Some(f) = k.failure {
+            codes.push(exit::of_class(f));
+        }
+        if !k.drift.is_empty() {
+            codes.push(exit::ATTENTION);
+        }
+    }
+    emit(cli.output, report, || {
+        let mut rows = Vec::new();
+        for k in &report.keys {
+            for a in &k.actions {
+                rows.push(vec![
+                    k.key.clone(),
+                    k.mount.clone(),
+                    a.verb().into(),
+                    a.reason().into(),
+                ]);
+            }
+            if !k.drift.is_empty() {
+                rows.push(vec![
+                    k.key.clone(),
+                    k.mount.clone(),
+                    "DRIFT".into(),
+                    format!("{} (left untouched)", k.drift.join("; ")),
+                ]);
+            }
+            if let Some(e) = &k.error {
+                rows.push(vec![
+                    k.key.clone(),
+                    k.mount.clone(),
+                    "FAILED".into(),
+                    e.clone(),
+                ]);
+            }
+        }
+        let changed = report.keys.iter().filter(|k| !k.actions.is_empty()).count();
+        let failed = report.failures().count();
+        let drifted = report.keys.iter().filter(|k| !k.drift.is_empty()).count();
+        let skipped = report.keys.iter().filter(|k| k.skipped).count();
+        let verb = if report.dry_run {
+            "would change"
+        } else {
+            "changed"
+        };
+        let mut s = String::new();
+        if !rows.is_empty() {
+            s.push_str(&table(&["KEY", "MOUNT", "ACTION", "REASON"], &rows));
+        }
+        s.push_str(&format!(
+            "{}: {} key(s), {changed} {verb}, {failed} failed, {drifted} drifted{}",
+            if report.dry_run {
+                "apply --dry-run"
+            } else {
+                "apply"
+            },
+            report.keys.len(),
+            if skipped > 0 {
+                format!(", {skipped} skipped (shutdown)")
+            } else {
+                String::new()
+            }
+        ));
+        s
+    });
+    print_errors(
+        report
+            .failures()
+            .map(|k| (k.key.clone(), k.error.clone().unwrap_or_default())),
+    );
+    exit::worst(codes)
+}
+
+fn open_audit(policy: &Policy) -> anyhow::Result<Option<AuditLog>> {
+    Ok(policy
+        .audit
+        .as_ref()
+        .map(|a| AuditLog::open(&a.path))
+        .transpose()?)
+}
+
+async fn apply_cmd(cli: &Cli, policy: &Policy, dry_run: bool) -> anyhow::Result<u8> {
+    let mut audit = if dry_run { None } else { open_audit(policy)? };
+    let vault = connect(cli, policy).await?;
+    let (_tx, rx) = watch::channel(false);
+    let report = apply::apply(
+        &vault,
+        policy,
+        &options(policy, dry_run),
+        &Timestamp::now,
+        &rx,
+    )
+    .await;
+    Ok(finish(cli, policy, &report, &mut audit).await)
+}
+
+async fn rotate(
+    cli: &Cli,
+    policy: &Policy,
+    key: &str,
+    retire_previous: bool,
+    mount: Option<&str>,
+) -> anyhow::Result<u8> {
+    let name = KeyName::new(key).map_err(|e| UsageError(format!("KEY: {e}")))?;
+    let mount = match (mount, policy.key(key)) {
+        (Some(m), _) => m.to_string(),
+        (None, Some(k)) => k.mount.clone(),
+        (None, None) => keyroll::policy::DEFAULT_MOUNT.to_string(),
+    };
+    keyroll::policy::check_mount(&mount).map_err(|e| UsageError(format!("--mount: {e}")))?;
+    let mut audit = open_audit(policy)?;
+    let vault = connect(cli, policy).await?;
+    let opts = options(policy, false);
+    let (latest, events) = match apply::rotate_now(
+        &vault,
+        &policy.state,
+        (&mount, &name),
+        retire_previous,
+        &opts,
+        &Timestamp::now,
+    )
+    .await
+    {
+        Ok(r) => r,
+        Err(e) => {
+            let failed = Event::new(
+                &opts.run_id,
+                EventKind::Failed,
+                Timestamp::now(),
+                e.to_string(),
+            )
+            .for_key(&mount, key);
+            if let Some(a) = audit.as_mut() {
+                let _ = a.append(std::slice::from_ref(&failed));
+            }
+            let _ = keyroll::notify::deliver(&policy.notify, &opts.run_id, &[failed]).await;
+            return Err(match e {
+                apply::RotateError::Vault(v) => anyhow::Error::new(v),
+                apply::RotateError::Lock(l) => anyhow::Error::new(l),
+            });
+        }
+    };
+    let report = ApplyReport {
+        run_id: opts.run_id.clone(),
+        dry_run: false,
+        keys: Vec::new(),
+        events,
+    };
+    let mut codes = vec![exit::OK];
+    let mut all = report.events.clone();
+    for f in keyroll::notify::deliver(&policy.notify, &report.run_id, &report.events).await {
+        eprintln!("keyroll: error: {f}");
+        codes.push(exit::NOTIFY_FAILED);
+        all.push(Event::new(
+            &report.run_id,
+            EventKind::NotifyFailed,
+            Timestamp::now(),
+            f.to_string(),
+        ));
+    }
+    if let Some(a) = audit.as_mut() {
+        a.append(&all).context("writing the audit log")?;
+    }
+    #[derive(Serialize)]
+    struct RotateOut<'a> {
+        key: &'a str,
+        mount: &'a str,
+        latest_version: u32,
+        retired_previous: bool,
+        events: &'a [Event],
+    }
+    emit(
+        cli.output,
+        &RotateOut {
+            key,
+            mount: &mount,
+            latest_version: latest,
+            retired_previous: retire_previous,
+            events: &report.events,
+        },
+        || {
+            format!(
+                "rotated {mount}/keys/{key} to v{latest}{}",
+                if retire_previous {
+                    "; earlier versions retired"
+                } else {
+                    ""
+                }
+            )
+        },
+    );
+    Ok(exit::worst(codes))
+}
+
+async fn status(
+    cli: &Cli,
+    policy: &Policy,
+    at: Timestamp,
+    grace: jiff::SignedDuration,
+) -> anyhow::Result<u8> {
+    let vault = connect(cli, policy).await?;
+    let obs = observe_all(&vault, &policy.state, &policy.keys, policy.run.concurrency).await;
+    let mut codes = vec![exit::OK];
+    let mut statuses = Vec::new();
+    let mut errors = Vec::new();
+    for (k, o) in policy.keys.iter().zip(obs) {
+        match o {
+            Ok(o) => {
+                let s = key_status(k, &o, at, grace);
+                if s.overdue || !s.drift.is_empty() {
+                    codes.push(exit::ATTENTION);
+                }
+                statuses.push(s);
+            }
+            Err(e) => {
+                codes.push(exit::of_class(FailureClass::of(&e)));
+                errors.push((k.name.to_string(), e.to_string()));
+            }
+        }
+    }
+    emit(cli.output, &statuses, || {
+        let rows: Vec<Vec<String>> = statuses
+            .iter()
+            .map(|s| {
+                let state = if !s.exists {
+                    "MISSING".to_string()
+                } else if !s.drift.is_empty() {
+                    format!("DRIFT: {}", s.drift.join("; "))
+                } else if s.overdue {
+                    "OVERDUE".into()
+                } else {
+                    "ok".into()
+                };
+                vec![
+                    s.key.to_string(),
+                    s.key_type.clone().unwrap_or_else(|| "-".into()),
+                    if s.exists {
+                        format!("v{}", s.latest_version)
+                    } else {
+                        "-".into()
+                    },
+                    s.latest_age_seconds
+                        .map(|a| human(jiff::SignedDuration::from_secs(a)))
+                        .unwrap_or_else(|| "-".into()),
+                    s.next_rotation_due
+                        .map(|t| t.to_string())
+                        .unwrap_or_else(|| "-".into()),
+                    versions(&s.usable_versions),
+                    versions(&s.retired_versions),
+                    if s.disposed_below > 1 {
+                        format!("<v{}", s.disposed_below)
+                    } else {
+                        "-".into()
+                    },
+                    state,
+                ]
+            })
+            .collect();
+        table(
+            &[
+                "KEY",
+                "TYPE",
+                "LATEST",
+                "AGE",
+                "NEXT ROTATION",
+                "USABLE",
+                "RETIRED",
+                "DISPOSED",
+                "STATE",
+            ],
+            &rows,
+        )
+    });
+    print_errors(errors.into_iter());
+    Ok(exit::worst(codes))
+}
+
+fn versions(v: &[u32]) -> String {
+    match (v.first(), v.last()) {
+        (None, _) | (_, None) => "-".into(),
+        (Some(a), Some(b)) if a == b => format!("v{a}"),
+        (Some(a), Some(b)) => format!("v{a}–v{b}"),
+    }
+}
+
+#[derive(Serialize)]
+struct InventoryRow {
+    mount: String,
+    name: String,
+    managed: bool,
+    #[serde(rename = "type")]
+    key_type: String,
+    latest_version: u32,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    latest_created: Option<Timestamp>,
+    exportable: bool,
+    min_decryption_version: u32,
+    min_available_version: u32,
+}
+
+async fn inventory(cli: &Cli, policy: &Policy, mounts: &[String]) -> anyhow::Result<u8> {
+    let mounts: BTreeSet<String> = if mounts.is_empty() {
+        let mut m: BTreeSet<String> = policy.keys.iter().map(|k| k.mount.clone()).collect();
+        if m.is_empty() {
+            m.insert(keyroll::policy::DEFAULT_MOUNT.into());
+        }
+        m
+    } else {
+        mounts.iter().cloned().collect()
+    };
+    let vault = connect(cli, policy).await?;
+    let mut rows = Vec::new();
+    for mount in &mounts {
+        keyroll::policy::check_mount(mount).map_err(|e| UsageError(format!("--mount: {e}")))?;
+        let names = vault.list_keys(mount).await?;
+        let reads: Vec<_> =
+            futures::stream::iter(names.into_iter().filter_map(|n| KeyName::new(&n).ok()))
+                .map(|n| {
+                    let vault = vault.clone();
+                    let mount = mount.clone();
+                    async move {
+                        let k = vault.read_key(&mount, &n).await;
+                        (n, k)
+                    }
+                })
+                .buffered(policy.run.concurrency)
+                .collect()
+                .await;
+        for (n, k) in reads {
+            let Some(k) = k? else { continue };
+            rows.push(InventoryRow {
+                managed: policy.keys.iter().any(|p| p.mount == *mount && p.name == n),
+                mount: mount.clone(),
+                name: n.to_string(),
+                latest_created: k.versions.get(&k.latest_version).copied(),
+                key_type: k.key_type,
+                latest_version: k.latest_version,
+                exportable: k.exportable,
+                min_decryption_version: k.min_decryption_version,
+                min_available_version: k.min_available_version,
+            });
+        }
+    }
+    emit(cli.output, &rows, || {
+        let t: Vec<Vec<String>> = rows
+            .iter()
+            .map(|r| {
+                vec![
+                    r.mount.clone(),
+                    r.name.clone(),
+                    if r.managed {
+                        "managed".into()
+                    } else {
+                        "UNMANAGED".into()
+                    },
+                    r.key_type.clone(),
+                    format!("v{}", r.latest_version),
+                    r.latest_created
+                        .map(|c| human(Timestamp::now().duration_since(c)))
+                        .unwrap_or_else(|| "-".into()),
+                    r.exportable.to_string(),
+                ]
+            })
+            .collect();
+        table(
+            &[
+                "MOUNT",
+                "NAME",
+                "POLICY",
+                "TYPE",
+                "LATEST",
+                "AGE",
+                "EXPORTABLE",
+            ],
+            &t,
+        )
+    });
+    Ok(exit::OK)
+}
+
+/// SIGTERM or SIGINT flips the returned receiver to true.
+fn shutdown_signal() -> anyhow::Result<watch::Receiver<bool>> {
+    use tokio::signal::unix::{signal, SignalKind};
+    let (tx, rx) = watch::channel(false);
+    let mut term = signal(SignalKind::terminate()).context("installing the SIGTERM handler")?;
+    let mut int = signal(SignalKind::interrupt()).context("installing the SIGINT handler")?;
+    tokio::spawn(async move {
+        tokio::select! {
+            _ = term.recv() => {}
+            _ = int.recv() => {}
+        }
+        tracing::info!("shutdown requested; finishing the key in progress");
+        let _ = tx.send(true);
+    });
+    Ok(rx)
+}
+
+async fn daemon(cli: &Cli, mut policy: Policy, interval: Span) -> anyhow::Result<u8> {
+    let mut shutdown = shutdown_signal()?;
+    let mut audit = open_audit(&policy)?;
+    let vault = connect(cli, &policy).await?;
+    let keepalive = {
+        let vault = vault.clone();
+        let rx = shutdown.clone();
+        tokio::spawn(async move { vault.keep_token_alive(rx).await })
+    };
+    tracing::info!(keys = policy.keys.len(), interval = %interval, "keyroll run started");
+    loop {
+        let report = apply::apply(
+            &vault,
+            &policy,
+            &options(&policy, false),
+            &Timestamp::now,
+            &shutdown,
+        )
+        .await;
+        let code = finish(cli, &policy, &report, &mut audit).await;
+        tracing::info!(
+            run_id = %report.run_id,
+            changed = report.keys.iter().filter(|k| !k.actions.is_empty()).count(),
+            failed = report.failures().count(),
+            exit_code = code,
+            "pass finished"
+        );
+        if *shutdown.borrow() {
+            break;
+        }
+        tokio::select! {
+            _ = tokio::time::sleep(interval.std()) => {}
+            _ = shutdown.changed() => break,
+        }
+        // A changed policy applies at the next pass; an invalid one is refused, the old kept.
+        match Policy::load(&cli.config) {
+            Ok(p) => policy = p,
+            Err(e) => {
+                tracing::error!(error = %e, "policy file is invalid; keeping the previous policy")
+            }
+        }
+    }
+    keepalive.abort();
+    tracing::info!("keyroll run stopped");
+    Ok(exit::OK)
+}
