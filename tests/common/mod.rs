@@ -14,6 +14,8 @@ use std::time::{Duration, Instant};
 
 use serde_json::Value;
 
+pub mod sidecar;
+
 /// Repository root (the root crate's manifest dir).
 pub fn root() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR"))
@@ -154,8 +156,18 @@ impl Bao {
             unseal_key: None,
         };
         b.start();
-        let out = b.cli(&["operator", "init", "-key-shares=1", "-key-threshold=1", "-format=json"]);
-        assert!(out.status.success(), "init: {}", String::from_utf8_lossy(&out.stderr));
+        let out = b.cli(&[
+            "operator",
+            "init",
+            "-key-shares=1",
+            "-key-threshold=1",
+            "-format=json",
+        ]);
+        assert!(
+            out.status.success(),
+            "init: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
         let v: Value = serde_json::from_slice(&out.stdout).unwrap();
         b.unseal_key = Some(v["unseal_keys_b64"][0].as_str().unwrap().to_string());
         b.token = v["root_token"].as_str().unwrap().to_string();
@@ -175,7 +187,10 @@ impl Bao {
             .unwrap();
         let child = Command::new(bao_bin())
             .arg("server")
-            .arg(format!("-config={}", self.dir.path().join("bao.hcl").display()))
+            .arg(format!(
+                "-config={}",
+                self.dir.path().join("bao.hcl").display()
+            ))
             .stdout(Stdio::from(log.try_clone().unwrap()))
             .stderr(Stdio::from(log))
             .spawn()
@@ -208,7 +223,11 @@ impl Bao {
     fn wait_listening(&self) {
         let deadline = Instant::now() + Duration::from_secs(30);
         while std::net::TcpStream::connect(("127.0.0.1", self.port)).is_err() {
-            assert!(Instant::now() < deadline, "bao did not listen on {}", self.port);
+            assert!(
+                Instant::now() < deadline,
+                "bao did not listen on {}",
+                self.port
+            );
             std::thread::sleep(Duration::from_millis(50));
         }
     }
@@ -277,7 +296,13 @@ impl Bao {
         std::fs::write(&p, hcl).unwrap();
         self.cli_ok(&["policy", "write", name, p.to_str().unwrap()]);
         let out = self.cli_ok(&[
-            "token", "create", "-format=json", "-no-default-policy", "-policy", name, "-ttl=1h",
+            "token",
+            "create",
+            "-format=json",
+            "-no-default-policy",
+            "-policy",
+            name,
+            "-ttl=1h",
         ]);
         // Without the default policy a token cannot look itself up; keyroll needs that.
         let v: Value = serde_json::from_str(&out).unwrap();
@@ -306,7 +331,11 @@ impl Drop for Bao {
 pub fn unique(prefix: &str) -> String {
     use std::sync::atomic::{AtomicU32, Ordering};
     static N: AtomicU32 = AtomicU32::new(0);
-    format!("{prefix}-{}-{}", std::process::id(), N.fetch_add(1, Ordering::SeqCst))
+    format!(
+        "{prefix}-{}-{}",
+        std::process::id(),
+        N.fetch_add(1, Ordering::SeqCst)
+    )
 }
 
 /// Runs a command, returning (exit code, stdout, stderr).
