@@ -122,7 +122,7 @@ impl Bao {
             .stdout(Stdio::from(log.try_clone().unwrap()))
             .stderr(Stdio::from(log));
         let child = cmd.spawn().expect("start bao");
-        let mut b = Bao {
+        let b = Bao {
             addr,
             token,
             port,
