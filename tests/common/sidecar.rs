@@ -49,9 +49,30 @@ impl Sidecar {
     }
 
     pub fn start_with(bao: &Bao, poll: &str, rest: &str, token: &str, args: &[&str]) -> Sidecar {
-        let dir = workdir();
+        Self::launch(bao, workdir(), free_port(), poll, rest, token, args)
+    }
+
+    /// In a directory and on a port chosen beforehand (e.g. named in a rotator webhook).
+    pub fn start_on(
+        bao: &Bao,
+        dir: tempfile::TempDir,
+        port: u16,
+        poll: &str,
+        rest: &str,
+    ) -> Sidecar {
+        Self::launch(bao, dir, port, poll, rest, &bao.token, &[])
+    }
+
+    fn launch(
+        bao: &Bao,
+        dir: tempfile::TempDir,
+        port: u16,
+        poll: &str,
+        rest: &str,
+        token: &str,
+        args: &[&str],
+    ) -> Sidecar {
         let out = dir.path().join("out");
-        let port = free_port();
         let config = dir.path().join("sidecar.toml");
         std::fs::write(&config, format!("{}{rest}", base_config(&out, port, poll))).unwrap();
         let log = dir.path().join("sidecar.log");
