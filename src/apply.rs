@@ -357,9 +357,12 @@ async fn execute(
             Action::Retire {
                 previous,
                 min_decryption_version: to,
+                raise_min_encryption_version,
                 reason,
             } => {
-                vault.configure_key(m, n, Some(*to), None).await?;
+                vault
+                    .configure_key(m, n, Some(*to), *raise_min_encryption_version)
+                    .await?;
                 tracing::info!(action = "retire", from = previous, to, reason = %reason, "versions retired");
                 events.push(ev(EventKind::Retired, reason).version(*to));
                 let from = (*previous).max(1);
@@ -506,7 +509,8 @@ pub async fn rotate_now(
             .await?;
         }
         if retire_previous && after.min_decryption_version < latest {
-            vault.configure_key(m, n, Some(latest), None).await?;
+            let enc = (after.min_encryption_version != 0).then_some(latest);
+            vault.configure_key(m, n, Some(latest), enc).await?;
             let from = after.min_decryption_version.max(1);
             events.push(
                 ev(

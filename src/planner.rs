@@ -36,9 +36,13 @@ pub enum Action {
     /// Add a new version.
     Rotate { from_version: u32, reason: String },
     /// Raise `min_decryption_version`: versions below it stop being usable (reversible).
+    /// Vault refuses a `min_decryption_version` above a non-zero `min_encryption_version`, so
+    /// the latter is raised with it when set.
     Retire {
         previous: u32,
         min_decryption_version: u32,
+        #[serde(skip_serializing_if = "Option::is_none")]
+        raise_min_encryption_version: Option<u32>,
         reason: String,
     },
     /// Record when already-retired versions were retired, where keyroll has no record.
@@ -176,6 +180,9 @@ pub fn plan_key(policy: &KeyPolicy, obs: &Observation, now: Timestamp) -> KeyPla
         plan.actions.push(Action::Retire {
             previous: key.min_decryption_version,
             min_decryption_version: retire_to,
+            raise_min_encryption_version: (key.min_encryption_version != 0
+                && key.min_encryption_version < retire_to)
+                .then_some(retire_to),
             reason: format!(
                 "{} {}",
                 versions_label(current_min, retire_to - 1),
@@ -204,8 +211,11 @@ pub fn plan_key(policy: &KeyPolicy, obs: &Observation, now: Timestamp) -> KeyPla
             plan.actions.push(Action::Dispose {
                 previous: key.min_available_version,
                 min_available_version: dispose_to,
-                raise_min_encryption_version: (key.min_encryption_version < dispose_to)
-                    .then_some(dispose_to),
+                // Trim needs min_encryption_version >= min_available_version, and a non-zero
+                // min_encryption_version must stay >= min_decryption_version (after any retire).
+                raise_min_encryption_version: (key.min_encryption_version
+                    < retire_to.max(dispose_to))
+                .then_some(retire_to.max(dispose_to)),
                 reason: format!(
                     "{} retired {ago} ago; dispose_after = {after}",
                     versions_label(key.min_available(), dispose_to - 1)
@@ -485,6 +495,7 @@ mod tests {
             vec![Action::Retire {
                 previous: 1,
                 min_decryption_version: 3,
+                raise_min_encryption_version: None,
                 reason: "v1–v2 outside the newest 2 (keep_versions)".into()
             }]
         );
@@ -516,7 +527,7 @@ mod tests {
             vec![Action::Dispose {
                 previous: 0,
                 min_available_version: 2,
-                raise_min_encryption_version: Some(2),
+                raise_min_encryption_version: Some(3),
                 reason: "v1 retired 5s ago; dispose_after = 5s".into()
             }]
         );
@@ -587,6 +598,7 @@ mod tests {
             now in 0i64..600,
             rotate in 1i64..200,
             wrong_type in prop::bool::weighted(0.1),
+            enc_set in prop::bool::weighted(0.3),
         ) -> (KeyPolicy, TransitKey, KeyRecord, Timestamp) {
             let mut created = Vec::new();
             let mut acc = 0;
@@ -596,6 +608,8 @@ mod tests {
             let min_avail = if min_avail_off == 0 { 0 } else { 1 + min_avail_off % min_dec };
             let mut k = key(&created, min_dec, min_avail);
             if wrong_type { k.key_type = "ed25519".into(); }
+            // A non-zero min_encryption_version is always >= min_decryption_version in Vault.
+            if enc_set { k.min_encryption_version = min_dec; }
             let dispose = if keep.is_some() || retain.is_some() { dispose } else { None };
             let rec = KeyRecord {
                 retired: (1..min_dec).filter_map(|v| retired_at[v as usize - 1].map(|s| (v, t(s)))).collect(),
@@ -656,6 +670,25 @@ mod tests {
                     _ => {}
                 }
             }
+            // Replay the actions against Vault's rules for the minimums.
+            let (mut dec, mut enc, mut avail) = (k.min_decryption_version, k.min_encryption_version, k.min_available_version);
+            for a in &p.actions {
+                match a {
+                    Action::Retire { min_decryption_version, raise_min_encryption_version, .. } => {
+                        if let Some(e) = raise_min_encryption_version { enc = *e; }
+                        dec = *min_decryption_version;
+                    }
+                    Action::Dispose { min_available_version, raise_min_encryption_version, .. } => {
+                        if let Some(e) = raise_min_encryption_version { enc = *e; }
+                        prop_assert!(enc != 0 && *min_available_version <= enc && *min_available_version <= dec, "Vault would refuse the trim");
+                        avail = *min_available_version;
+                    }
+                    _ => {}
+                }
+                prop_assert!(enc == 0 || enc >= dec, "Vault would refuse min_encryption {enc} < min_decryption {dec}");
+                prop_assert!(enc <= k.latest_version && dec <= k.latest_version);
+            }
+            prop_assert!(avail <= dec);
             let rotations = p.actions.iter().filter(|a| a.verb() == "rotate").count();
             prop_assert!(rotations <= 1);
         }

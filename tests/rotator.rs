@@ -1,0 +1,614 @@
+//! End-to-end tests of the `keyroll` binary against a real OpenBao dev server: creation,
+//! rotation and retention timing, on-demand rotation, drift, concurrency, failure surfaces.
+//! Vault's state is read back directly (with the `bao` CLI) after each run.
+
+mod common;
+
+use std::path::PathBuf;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use common::{run, unique, Bao};
+use serde_json::Value;
+
+/// Writes a policy file into a fresh temp dir; returns (dir guard, path).
+fn policy(body: &str) -> (tempfile::TempDir, PathBuf) {
+    let dir = tempfile::tempdir().unwrap();
+    let p = dir.path().join("policy.toml");
+    std::fs::write(&p, body).unwrap();
+    (dir, p)
+}
+
+fn keyroll(bao: &Bao, policy: &PathBuf, args: &[&str]) -> (i32, String, String) {
+    run(bao.keyroll("keyroll").arg("-c").arg(policy).args(args))
+}
+
+fn n(v: &Value, field: &str) -> u64 {
+    v[field]
+        .as_u64()
+        .unwrap_or_else(|| panic!("{field} missing in {v}"))
+}
+
+/// Creation time of a version, as Vault reports it (symmetric: unix seconds; asymmetric: RFC 3339).
+fn created(bao: &Bao, name: &str, version: u32) -> f64 {
+    let k = bao.key("transit", name);
+    let e = &k["keys"][version.to_string()];
+    if let Some(s) = e.as_f64() {
+        return s;
+    }
+    let t: jiff::Timestamp = e["creation_time"].as_str().unwrap().parse().unwrap();
+    t.as_millisecond() as f64 / 1000.0
+}
+
+fn sleep_until(unix: f64) {
+    let now = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .unwrap()
+        .as_secs_f64();
+    if unix > now {
+        std::thread::sleep(Duration::from_secs_f64(unix - now));
+    }
+}
+
+#[test]
+fn creates_every_declared_key_type_with_its_flags() {
+    let bao = Bao::shared();
+    let p = unique("types");
+    let types = [
+        ("aes128-gcm96", false),
+        ("aes256-gcm96", true),
+        ("chacha20-poly1305", false),
+        ("ed25519", true),
+        ("ecdsa-p256", false),
+        ("ecdsa-p384", false),
+        ("rsa-2048", true),
+        ("hmac", true),
+    ];
+    let mut body = String::from("[defaults]\nrotate_every = \"90d\"\n");
+    for (t, exp) in types {
+        body.push_str(&format!(
+            "[[keys]]\nname = \"{p}-{t}\"\ntype = \"{t}\"\nexportable = {exp}\n"
+        ));
+    }
+    let (_d, path) = policy(&body);
+    let (code, out, err) = keyroll(bao, &path, &["apply"]);
+    assert_eq!(code, 0, "{out}\n{err}");
+    for (t, exp) in types {
+        let k = bao.key("transit", &format!("{p}-{t}"));
+        assert_eq!(k["type"], t);
+        assert_eq!(k["exportable"], exp, "{t}");
+        assert_eq!(n(&k, "latest_version"), 1);
+    }
+    // A second run changes nothing and says so.
+    let (code, out, _) = keyroll(bao, &path, &["apply", "-o", "json"]);
+    assert_eq!(code, 0);
+    let report: Value = serde_json::from_str(&out).unwrap();
+    assert!(report["keys"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .all(|k| k["actions"].as_array().unwrap().is_empty()));
+    // The plan agrees: nothing to do.
+    let (code, out, _) = keyroll(bao, &path, &["plan", "-o", "json"]);
+    assert_eq!(code, 0);
+    let plan: Value = serde_json::from_str(&out).unwrap();
+    assert!(plan["keys"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .all(|k| k["actions"].as_array().unwrap().is_empty()));
+}
+
+/// Creation time of a version as the planner sees it: from Vault for most types, from
+/// keyroll's KV record for hmac (Vault keeps none).
+fn created_any(bao: &Bao, name: &str, version: u32, hmac: bool) -> f64 {
+    if !hmac {
+        return created(bao, name, version);
+    }
+    let rec = bao
+        .read(&format!("secret/data/keyroll/keys/transit/{name}"))
+        .expect("keyroll record");
+    let t: jiff::Timestamp = rec["data"]["created"][version.to_string()]
+        .as_str()
+        .unwrap()
+        .parse()
+        .unwrap();
+    t.as_millisecond() as f64 / 1000.0
+}
+
+fn now_unix() -> f64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .unwrap()
+        .as_secs_f64()
+}
+
+/// rotate_every 4s, retain_for 6s, dispose_after 4s. Every apply runs at a chosen offset from
+/// the creation times the planner sees (at least 0.5 s from any boundary); the Vault state is
+/// read back after each run. The runs just before each step prove it does not happen early.
+fn retention_scenario(key_type: &str) {
+    let bao = Bao::shared();
+    let hmac = key_type == "hmac";
+    let name = unique(&format!("ret-{key_type}"));
+    let write = |rotate: &str| {
+        policy(&format!(
+            "[[keys]]\nname = \"{name}\"\ntype = \"{key_type}\"\nrotate_every = \"{rotate}\"\n\
+             retain_for = \"6s\"\ndispose_after = \"4s\"\n"
+        ))
+    };
+    let (_d, path) = write("4s");
+    let apply = |path: &PathBuf| {
+        let (code, out, err) = keyroll(bao, path, &["apply"]);
+        assert_eq!(code, 0, "{out}\n{err}");
+    };
+    let check = |expect: (u64, u64, u64), when: &str| {
+        let k = bao.key("transit", &name);
+        let got = (
+            n(&k, "latest_version"),
+            n(&k, "min_decryption_version"),
+            n(&k, "min_available_version"),
+        );
+        assert_eq!(
+            got, expect,
+            "{key_type} key {when} (latest, min_decryption, min_available)"
+        );
+    };
+
+    apply(&path);
+    check((1, 1, 0), "after create");
+    let c1 = created_any(bao, &name, 1, hmac);
+
+    sleep_until(c1 + 2.0);
+    apply(&path);
+    check((1, 1, 0), "v1 2s old: not rotated before rotate_every");
+
+    sleep_until(c1 + 4.5);
+    apply(&path);
+    check((2, 1, 0), "v1 4.5s old: rotated; v1 stays usable");
+    let c2 = created_any(bao, &name, 2, hmac);
+
+    sleep_until(c2 + 3.0);
+    apply(&path);
+    check((2, 1, 0), "v2 3s old: nothing due");
+
+    sleep_until(c2 + 4.5);
+    apply(&path);
+    check(
+        (3, 1, 0),
+        "v2 4.5s old: rotated; v1's successor only 4.5s old, v1 kept",
+    );
+
+    // From here on only retention is exercised: stop rotating.
+    let (_d2, path) = write("1h");
+    sleep_until(c2 + 5.5);
+    apply(&path);
+    check(
+        (3, 1, 0),
+        "v1's successor 5.5s old: not retired before retain_for",
+    );
+
+    sleep_until(c2 + 6.5);
+    let retired_at = now_unix();
+    apply(&path);
+    check((3, 2, 0), "v1's successor 6.5s old: v1 retired");
+
+    sleep_until(retired_at + 3.0);
+    apply(&path);
+    check(
+        (3, 2, 0),
+        "v1 retired under 3.1s ago: not disposed before dispose_after",
+    );
+
+    sleep_until(retired_at + 4.6);
+    apply(&path);
+    check(
+        (3, 3, 2),
+        "v1 retired over 4.5s ago: disposed; v2's successor now old enough to retire",
+    );
+
+    // Trimmed material is gone from Vault, not just hidden.
+    if !hmac {
+        let k = bao.key("transit", &name);
+        assert!(k["keys"].get("1").is_none(), "v1 still stored: {k}");
+    }
+}
+
+#[test]
+fn rotation_retirement_and_disposal_happen_at_the_right_runs() {
+    retention_scenario("aes256-gcm96");
+}
+
+#[test]
+fn hmac_keys_follow_the_same_schedule_from_keyrolls_record() {
+    retention_scenario("hmac");
+}
+
+#[test]
+fn keep_versions_retires_beyond_the_newest_n() {
+    let bao = Bao::shared();
+    let name = unique("keep");
+    let (_d, path) = policy(&format!(
+        "[[keys]]\nname = \"{name}\"\ntype = \"ed25519\"\nrotate_every = \"90d\"\nkeep_versions = 2\n"
+    ));
+    assert_eq!(keyroll(bao, &path, &["apply"]).0, 0);
+    for _ in 0..3 {
+        assert_eq!(keyroll(bao, &path, &["rotate", &name]).0, 0);
+    }
+    let (code, out, err) = keyroll(bao, &path, &["apply"]);
+    assert_eq!(code, 0, "{out}{err}");
+    assert!(out.contains("retire"), "{out}");
+    let k = bao.key("transit", &name);
+    assert_eq!(
+        (n(&k, "latest_version"), n(&k, "min_decryption_version")),
+        (4, 3)
+    );
+    // No dispose_after: nothing is trimmed, ever.
+    assert_eq!(n(&k, "min_available_version"), 0);
+}
+
+#[test]
+fn rotate_on_demand_with_retire_previous() {
+    let bao = Bao::shared();
+    let name = unique("ondemand");
+    let (_d, path) = policy(&format!(
+        "[[keys]]\nname = \"{name}\"\ntype = \"rsa-2048\"\nrotate_every = \"90d\"\n"
+    ));
+    assert_eq!(keyroll(bao, &path, &["apply"]).0, 0);
+    let (code, out, err) = keyroll(bao, &path, &["rotate", &name]);
+    assert_eq!(code, 0, "{err}");
+    assert!(out.contains("to v2"), "{out}");
+    let k = bao.key("transit", &name);
+    assert_eq!(
+        (n(&k, "latest_version"), n(&k, "min_decryption_version")),
+        (2, 1)
+    );
+
+    let (code, out, err) = keyroll(
+        bao,
+        &path,
+        &["rotate", &name, "--retire-previous", "-o", "json"],
+    );
+    assert_eq!(code, 0, "{err}");
+    let v: Value = serde_json::from_str(&out).unwrap();
+    assert_eq!(v["latest_version"], 3);
+    let k = bao.key("transit", &name);
+    assert_eq!(
+        (n(&k, "latest_version"), n(&k, "min_decryption_version")),
+        (3, 3)
+    );
+    // Retired, not destroyed: the policy has no dispose_after.
+    assert_eq!(n(&k, "min_available_version"), 0);
+}
+
+#[test]
+fn drifted_key_is_left_alone_while_others_proceed() {
+    let bao = Bao::shared();
+    let drifted = unique("drift");
+    let fine = unique("fine");
+    bao.cli_ok(&[
+        "write",
+        "-f",
+        &format!("transit/keys/{drifted}"),
+        "type=ed25519",
+    ]);
+    let before = bao.key("transit", &drifted);
+    let (_d, path) = policy(&format!(
+        "[defaults]\nrotate_every = \"1s\"\nkeep_versions = 1\n\
+         [[keys]]\nname = \"{drifted}\"\ntype = \"rsa-2048\"\n\
+         [[keys]]\nname = \"{fine}\"\ntype = \"aes256-gcm96\"\n"
+    ));
+    std::thread::sleep(Duration::from_millis(1100));
+    let (code, out, err) = keyroll(bao, &path, &["apply"]);
+    assert_eq!(code, 3, "drift must exit 3\n{out}\n{err}");
+    assert!(
+        out.contains("DRIFT") && out.contains("policy says type rsa-2048 but Vault has ed25519"),
+        "{out}"
+    );
+    assert_eq!(
+        bao.key("transit", &drifted),
+        before,
+        "drifted key was touched"
+    );
+    assert_eq!(bao.key("transit", &fine)["type"], "aes256-gcm96");
+    // status reports it too, for monitoring.
+    let (code, out, _) = keyroll(bao, &path, &["status"]);
+    assert_eq!(code, 3);
+    assert!(out.contains("DRIFT"), "{out}");
+}
+
+#[test]
+fn status_exits_3_when_a_rotation_is_overdue() {
+    let bao = Bao::shared();
+    let name = unique("overdue");
+    let (_d, path) = policy(&format!(
+        "[[keys]]\nname = \"{name}\"\ntype = \"aes256-gcm96\"\nrotate_every = \"30d\"\n"
+    ));
+    assert_eq!(keyroll(bao, &path, &["apply"]).0, 0);
+    let (code, out, _) = keyroll(bao, &path, &["status"]);
+    assert_eq!(code, 0, "{out}");
+    assert!(out.contains(" ok"), "{out}");
+    let (code, out, _) = keyroll(bao, &path, &["status", "--at", "+31d", "-o", "json"]);
+    assert_eq!(code, 3);
+    let v: Value = serde_json::from_str(&out).unwrap();
+    assert_eq!(v[0]["overdue"], true);
+    assert_eq!(v[0]["usable_versions"], serde_json::json!([1]));
+    // The plan as of then shows the rotation, with its reason.
+    let (_, out, _) = keyroll(bao, &path, &["plan", "--at", "+31d"]);
+    assert!(
+        out.contains("rotate") && out.contains("policy rotates every 30days"),
+        "{out}"
+    );
+}
+
+#[test]
+fn inventory_lists_managed_and_unmanaged_keys() {
+    let bao = Bao::shared();
+    let managed = unique("inv-m");
+    let stray = unique("inv-u");
+    bao.cli_ok(&[
+        "write",
+        "-f",
+        &format!("transit/keys/{stray}"),
+        "type=hmac",
+        "key_size=32",
+    ]);
+    let (_d, path) = policy(&format!(
+        "[[keys]]\nname = \"{managed}\"\ntype = \"aes256-gcm96\"\nrotate_every = \"30d\"\n"
+    ));
+    assert_eq!(keyroll(bao, &path, &["apply"]).0, 0);
+    let (code, out, err) = keyroll(bao, &path, &["inventory", "-o", "json"]);
+    assert_eq!(code, 0, "{err}");
+    let rows: Vec<Value> = serde_json::from_str(&out).unwrap();
+    let find = |n: &str| {
+        rows.iter()
+            .find(|r| r["name"] == n)
+            .unwrap_or_else(|| panic!("{n} not listed"))
+    };
+    assert_eq!(find(&managed)["managed"], true);
+    assert_eq!(find(&stray)["managed"], false);
+    assert_eq!(find(&stray)["type"], "hmac");
+}
+
+#[test]
+fn two_concurrent_applies_add_exactly_one_version_per_due_key() {
+    let bao = Bao::shared();
+    let names: Vec<String> = (0..8).map(|_| unique("conc")).collect();
+    let mut body = String::from("[defaults]\nrotate_every = \"2s\"\ntype = \"aes256-gcm96\"\n");
+    for n in &names {
+        body.push_str(&format!("[[keys]]\nname = \"{n}\"\n"));
+    }
+    let (_d, path) = policy(&body);
+    assert_eq!(keyroll(bao, &path, &["apply"]).0, 0);
+    for round in 2..=3u64 {
+        std::thread::sleep(Duration::from_millis(2200));
+        let spawn = || {
+            bao.keyroll("keyroll")
+                .arg("-c")
+                .arg(&path)
+                .arg("apply")
+                .stdout(std::process::Stdio::piped())
+                .stderr(std::process::Stdio::piped())
+                .spawn()
+                .unwrap()
+        };
+        let (a, b) = (spawn(), spawn());
+        for child in [a, b] {
+            let out = child.wait_with_output().unwrap();
+            assert!(
+                out.status.success(),
+                "{}\n{}",
+                String::from_utf8_lossy(&out.stdout),
+                String::from_utf8_lossy(&out.stderr)
+            );
+        }
+        for n in &names {
+            assert_eq!(super_latest(bao, n), round, "{n} after round {round}");
+        }
+    }
+}
+
+fn super_latest(bao: &Bao, name: &str) -> u64 {
+    n(&bao.key("transit", name), "latest_version")
+}
+
+/// Asserts a failed command printed exactly one clear error line and no panic.
+fn one_error_line(err: &str, needle: &str) {
+    let lines: Vec<&str> = err
+        .lines()
+        .filter(|l| l.starts_with("keyroll: error:"))
+        .collect();
+    assert_eq!(lines.len(), 1, "expected one error line:\n{err}");
+    assert!(
+        lines[0].contains(needle),
+        "{needle:?} not in {:?}",
+        lines[0]
+    );
+    assert!(!err.contains("panicked"), "{err}");
+}
+
+#[test]
+fn unreachable_vault_is_one_clear_error() {
+    let bao = Bao::shared();
+    let (_d, path) = policy("[[keys]]\nname = \"x\"\ntype = \"hmac\"\nrotate_every = \"1d\"\n");
+    let port = common::free_port();
+    let (code, _, err) = run(bao
+        .keyroll("keyroll")
+        .env("VAULT_ADDR", format!("http://127.0.0.1:{port}"))
+        .arg("-c")
+        .arg(&path)
+        .arg("apply"));
+    assert_eq!(code, 69, "{err}");
+    one_error_line(&err, "unreachable");
+    assert!(
+        err.contains("Connection refused") || err.contains("connection refused"),
+        "{err}"
+    );
+}
+
+#[test]
+fn sealed_vault_is_one_clear_error_and_changes_nothing() {
+    let bao = Bao::dev();
+    let name = unique("sealed");
+    let (_d, path) = policy(&format!(
+        "[[keys]]\nname = \"{name}\"\ntype = \"hmac\"\nrotate_every = \"1d\"\n"
+    ));
+    bao.seal();
+    let (code, _, err) = keyroll(&bao, &path, &["apply"]);
+    assert_eq!(code, 69, "{err}");
+    one_error_line(&err, "sealed");
+}
+
+#[test]
+fn token_without_capability_is_refused_and_changes_nothing() {
+    let bao = Bao::shared();
+    let name = unique("denied");
+    let (_d, path) = policy(&format!(
+        "[state]\npath = \"keyroll-{name}\"\n[[keys]]\nname = \"{name}\"\ntype = \"aes256-gcm96\"\nrotate_every = \"1s\"\n"
+    ));
+    assert_eq!(keyroll(bao, &path, &["apply"]).0, 0);
+    // Read and lock, but no rotate.
+    let token = bao.token_with_policy(
+        &format!("ro-{name}"),
+        &format!(
+            "path \"transit/keys/{name}\" {{ capabilities = [\"read\"] }}\n\
+             path \"secret/data/keyroll-{name}/*\" {{ capabilities = [\"create\", \"read\", \"update\"] }}\n"
+        ),
+    );
+    std::thread::sleep(Duration::from_millis(1100));
+    let (code, out, err) = run(bao
+        .keyroll("keyroll")
+        .env("VAULT_TOKEN", &token)
+        .arg("-c")
+        .arg(&path)
+        .arg("apply"));
+    assert_eq!(code, 77, "{out}\n{err}");
+    one_error_line(
+        &err,
+        &format!("permission denied on transit/keys/{name}/rotate"),
+    );
+    assert_eq!(super_latest(bao, &name), 1);
+}
+
+#[test]
+fn rotating_a_missing_key_fails_and_creates_nothing() {
+    let bao = Bao::shared();
+    let name = unique("missing");
+    let (_d, path) = policy(&format!(
+        "[[keys]]\nname = \"{name}\"\ntype = \"hmac\"\nrotate_every = \"1d\"\n"
+    ));
+    let (code, _, err) = keyroll(bao, &path, &["rotate", &name]);
+    assert_eq!(code, 1, "{err}");
+    one_error_line(&err, "not found");
+    assert!(
+        bao.read(&format!("transit/keys/{name}")).is_none(),
+        "rotate created the key"
+    );
+}
+
+#[test]
+fn invalid_policy_names_file_line_and_field() {
+    let bao = Bao::shared();
+    let (_d, path) = policy("[[keys]]\nname = \"x\"\ntype = \"hmac\"\nrotate_every = \"9O d\"\n");
+    let (code, _, err) = keyroll(bao, &path, &["validate"]);
+    assert_eq!(code, 64, "{err}");
+    one_error_line(&err, &format!("{}:4", path.display()));
+    assert!(err.contains("not a duration"), "{err}");
+    let (code, _, err) = keyroll(bao, &path, &["apply"]);
+    assert_eq!(code, 64, "{err}");
+    let (_d2, path2) =
+        policy("[[keys]]\nname = \"../../etc/passwd\"\ntype = \"hmac\"\nrotate_every = \"1d\"\n");
+    let (code, _, err) = keyroll(bao, &path2, &["validate"]);
+    assert_eq!(code, 64);
+    one_error_line(&err, "keys.name");
+}
+
+#[test]
+fn plain_http_to_remote_vault_is_refused() {
+    let bao = Bao::shared();
+    let (_d, path) = policy("[[keys]]\nname = \"x\"\ntype = \"hmac\"\nrotate_every = \"1d\"\n");
+    let (code, _, err) = run(bao
+        .keyroll("keyroll")
+        .env("VAULT_ADDR", "http://vault.example.invalid:8200")
+        .arg("-c")
+        .arg(&path)
+        .arg("plan"));
+    assert_eq!(code, 64, "{err}");
+    one_error_line(&err, "refusing plain http://");
+}
+
+#[test]
+fn key_material_and_tokens_never_reach_logs_or_output() {
+    let bao = Bao::shared();
+    let names: Vec<String> = ["rsa-2048", "ed25519", "aes256-gcm96", "hmac"]
+        .iter()
+        .map(|t| format!("{}-{t}", unique("secret")))
+        .collect();
+    let mut body =
+        String::from("[defaults]\nrotate_every = \"1s\"\nexportable = true\nkeep_versions = 1\n");
+    for (n, t) in names
+        .iter()
+        .zip(["rsa-2048", "ed25519", "aes256-gcm96", "hmac"])
+    {
+        body.push_str(&format!("[[keys]]\nname = \"{n}\"\ntype = \"{t}\"\n"));
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let audit = dir.path().join("audit.jsonl");
+    body.push_str(&format!("[audit]\npath = \"{}\"\n", audit.display()));
+    let path = dir.path().join("policy.toml");
+    std::fs::write(&path, body).unwrap();
+
+    let mut captured = String::new();
+    for args in [
+        vec!["--log-level", "trace", "apply"],
+        vec![
+            "--log-level",
+            "trace",
+            "--log-format",
+            "json",
+            "apply",
+            "-o",
+            "json",
+        ],
+        vec![
+            "--log-level",
+            "trace",
+            "rotate",
+            names[0].as_str(),
+            "--retire-previous",
+        ],
+        vec!["--log-level", "trace", "status", "-o", "json"],
+        vec!["--log-level", "trace", "plan"],
+    ] {
+        std::thread::sleep(Duration::from_millis(1100));
+        let (_, out, err) = keyroll(bao, &path, &args);
+        captured.push_str(&out);
+        captured.push_str(&err);
+    }
+    captured.push_str(&std::fs::read_to_string(&audit).unwrap());
+    assert!(
+        captured.contains("rotate"),
+        "nothing was logged?\n{captured}"
+    );
+    assert!(!captured.contains(&bao.token), "the Vault token leaked");
+    let (kind, n) = (
+        ["signing-key", "signing-key", "encryption-key", "hmac-key"],
+        &names,
+    );
+    for (k, name) in kind.iter().zip(n) {
+        let v = bao
+            .read(&format!("transit/export/{k}/{name}"))
+            .expect("export");
+        for (_, material) in v["keys"].as_object().unwrap() {
+            let m = material.as_str().unwrap();
+            // Check a distinctive slice of every line of the material.
+            for line in m
+                .lines()
+                .filter(|l| l.len() >= 24 && !l.starts_with("-----"))
+            {
+                assert!(
+                    !captured.contains(&line[..24]),
+                    "key material of {name} leaked"
+                );
+            }
+        }
+    }
+}
