@@ -175,6 +175,7 @@ pub struct RawNotify {
 struct RawWebhook {
     url: String,
     secret_file: Option<PathBuf>,
+    bearer_token_file: Option<PathBuf>,
     timeout: Option<Span>,
 }
 
@@ -209,6 +210,8 @@ pub enum SmtpTls {
 pub struct WebhookSettings {
     pub url: url::Url,
     pub secret_file: Option<PathBuf>,
+    /// Sent as `Authorization: Bearer <token>` (e.g. keyroll-sidecar's `/refresh` token).
+    pub bearer_token_file: Option<PathBuf>,
     pub timeout: Span,
 }
 
@@ -249,6 +252,7 @@ impl NotifySettings {
             webhooks.push(WebhookSettings {
                 url,
                 secret_file: w.secret_file.map(|p| resolve(base, p)),
+                bearer_token_file: w.bearer_token_file.map(|p| resolve(base, p)),
                 timeout: w.timeout.unwrap_or(timeout_default),
             });
         }

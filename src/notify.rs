@@ -70,6 +70,19 @@ async fn send_webhook(w: &WebhookSettings, body: &[u8]) -> Result<(), NotifyErro
         .header("Content-Type", "application/json")
         .header("User-Agent", concat!("keyroll/", env!("CARGO_PKG_VERSION")))
         .body(body.to_vec());
+    if let Some(p) = &w.bearer_token_file {
+        let token = read_secret(p).map_err(err)?;
+        let mut v =
+            reqwest::header::HeaderValue::from_str(&format!("Bearer {}", token.expose_secret()))
+                .map_err(|_| {
+                    err(format!(
+                        "{} holds characters not allowed in a header",
+                        p.display()
+                    ))
+                })?;
+        v.set_sensitive(true);
+        req = req.header(reqwest::header::AUTHORIZATION, v);
+    }
     if let Some(p) = &w.secret_file {
         let secret = read_secret(p).map_err(err)?;
         req = req.header(

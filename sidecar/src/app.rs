@@ -184,7 +184,10 @@ pub async fn run(cfg: Config) -> ExitCode {
     let mut main_loop = tokio::spawn(watcher.run(cfg_rx, heal, stop_rx.clone()));
 
     let mut stop_wait = stop_rx.clone();
+    // Biased: when a stop request made the watch loop return, both arms are ready at once; the
+    // stop arm must win, or a clean SIGTERM would be reported as a crash (exit 1).
     tokio::select! {
+        biased;
         _ = stop_wait.changed() => {}
         r = &mut main_loop => {
             tracing::error!(?r, "watch loop ended unexpectedly");
