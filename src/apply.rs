@@ -316,11 +316,7 @@ async fn execute(
                     vault,
                     &policy.state,
                     (m, n),
-                    |r, now| {
-                        for v in versions {
-                            r.created.entry(*v).or_insert(now);
-                        }
-                    },
+                    |r, now| stamp(&mut r.created, versions.iter().copied(), now),
                     clock,
                 )
                 .await?;
@@ -370,11 +366,7 @@ async fn execute(
                     vault,
                     &policy.state,
                     (m, n),
-                    |r, now| {
-                        for v in from..*to {
-                            r.retired.entry(v).or_insert(now);
-                        }
-                    },
+                    |r, now| stamp(&mut r.retired, from..*to, now),
                     clock,
                 )
                 .await?;
@@ -384,11 +376,7 @@ async fn execute(
                     vault,
                     &policy.state,
                     (m, n),
-                    |r, now| {
-                        for v in versions {
-                            r.retired.entry(*v).or_insert(now);
-                        }
-                    },
+                    |r, now| stamp(&mut r.retired, versions.iter().copied(), now),
                     clock,
                 )
                 .await?;
@@ -425,6 +413,18 @@ async fn execute(
         out.actions.push(a.clone());
     }
     Ok(())
+}
+
+/// Records `now` for each version that has no time yet (first record wins: times only ever
+/// make disposal and rotation later, never earlier).
+fn stamp(
+    times: &mut std::collections::BTreeMap<u32, Timestamp>,
+    versions: impl IntoIterator<Item = u32>,
+    now: Timestamp,
+) {
+    for v in versions {
+        times.entry(v).or_insert(now);
+    }
 }
 
 /// Read-modify-write of keyroll's record for `k` (we hold the key's lock).
@@ -526,11 +526,7 @@ pub async fn rotate_now(
                 vault,
                 state,
                 (m, n),
-                |r, now| {
-                    for v in from..latest {
-                        r.retired.entry(v).or_insert(now);
-                    }
-                },
+                |r, now| stamp(&mut r.retired, from..latest, now),
                 clock,
             )
             .await?;

@@ -141,11 +141,7 @@ pub struct Policy {
 impl Policy {
     /// Reads and validates a policy file.
     pub fn load(path: &Path) -> Result<Self, ConfigError> {
-        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
-            path: path.to_path_buf(),
-            source,
-        })?;
-        Self::from_toml(path, &text)
+        Self::from_toml(path, &crate::config::read_file(path)?)
     }
 
     /// Validates policy text; `path` is used for messages and to resolve relative file paths.

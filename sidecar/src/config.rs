@@ -203,11 +203,7 @@ pub struct Config {
 impl Config {
     /// Reads and validates a config file.
     pub fn load(path: &Path) -> Result<Self, ConfigError> {
-        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
-            path: path.to_path_buf(),
-            source,
-        })?;
-        Self::from_toml(path, &text)
+        Self::from_toml(path, &keyroll::config::read_file(path)?)
     }
 
     /// Validates config text; `path` names the file in messages and anchors relative paths.
