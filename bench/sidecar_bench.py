@@ -58,10 +58,10 @@ class Vault:
         extra = os.path.join(work, "bench.hcl")
         open(extra, "w").write("unsafe_allow_api_audit_creation = true\n")
         self.proc = subprocess.Popen(
-            [BAO, "server", "-dev", f"-config={extra}", f"-dev-root-token-id={self.token}",
+            [BAO, "server", "-dev", f"-config={extra}",
              f"-dev-listen-address=127.0.0.1:{self.port}"],
             stdout=open(os.path.join(work, "bao.log"), "w"), stderr=subprocess.STDOUT,
-            env={**os.environ, "HOME": work})
+            env={**os.environ, "HOME": work, "BAO_DEV_ROOT_TOKEN_ID": self.token})
         for _ in range(200):
             try:
                 self.req("GET", "sys/health")

@@ -155,7 +155,8 @@ BAO_PORT=$(free_port)
 ROOT_TOKEN=stack-root-$RANDOM$RANDOM
 export VAULT_ADDR=http://127.0.0.1:$BAO_PORT
 unset VAULT_TOKEN BAO_TOKEN BAO_ADDR VAULT_NAMESPACE KEYROLL_TOKEN_FILE KEYROLL_ROLE_ID KEYROLL_SECRET_ID
-start bao env HOME="$STACK/home" "$BAO" server -dev -dev-root-token-id="$ROOT_TOKEN" \
+# The root token goes by environment, not argv, so `ps` never shows it.
+start bao env HOME="$STACK/home" BAO_DEV_ROOT_TOKEN_ID="$ROOT_TOKEN" "$BAO" server -dev \
   -dev-listen-address="127.0.0.1:$BAO_PORT"
 bao() { HOME="$STACK/home" VAULT_TOKEN=$ROOT_TOKEN "$BAO" "$@"; }
 for ((n = 0; ; n++)); do
