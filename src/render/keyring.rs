@@ -39,8 +39,15 @@ struct Keyring<'a> {
 #[derive(Serialize)]
 struct Entry<'a> {
     version: u32,
+    /// Omitted when unknown: Vault keeps no creation time for hmac versions, and the sidecar
+    /// passes the Unix epoch for those rather than inventing a time.
+    #[serde(skip_serializing_if = "is_unknown")]
     created: Timestamp,
     key: &'a str,
+}
+
+fn is_unknown(t: &Timestamp) -> bool {
+    *t == Timestamp::UNIX_EPOCH
 }
 
 pub(crate) fn render(key: &KeyMaterial) -> Result<Rendered, RenderError> {
@@ -157,6 +164,23 @@ mod tests {
                 ]
             })
         );
+    }
+
+    #[test]
+    fn unknown_creation_time_is_omitted_not_invented() {
+        let key = aes_key(
+            "h",
+            &[(1, "1970-01-01T00:00:00Z"), (2, "2026-02-01T00:00:00Z")],
+        );
+        let set = render_all(
+            Path::new("/o"),
+            &[(OutputSpec::KeyringJson, key)],
+            ts("2026-03-02T00:00:00Z"),
+        )
+        .unwrap();
+        let json: serde_json::Value = serde_json::from_str(&text(&set, "h.keyring.json")).unwrap();
+        assert!(json["versions"][0].get("created").is_none(), "{json}");
+        assert_eq!(json["versions"][1]["created"], "2026-02-01T00:00:00Z");
     }
 
     #[test]
