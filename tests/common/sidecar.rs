@@ -12,10 +12,34 @@ use std::time::{Duration, Instant};
 
 use super::{free_port, Bao};
 
-/// A private directory under the target dir (0700, not world-writable, removed on drop).
+/// Whether `p` or any ancestor is writable by others (e.g. /tmp, /var/tmp): OpenDKIM's
+/// `RequireSafeKeys` refuses keys below such a directory.
+fn under_world_writable(p: &Path) -> bool {
+    use std::os::unix::fs::PermissionsExt;
+    p.ancestors().any(|a| {
+        std::fs::metadata(a)
+            .map(|m| m.permissions().mode() & 0o002 != 0)
+            .unwrap_or(false)
+    })
+}
+
+/// A private directory (0700, removed on drop) under Cargo's target tmp dir, or, when that sits
+/// below a world-writable directory (a clone or CARGO_TARGET_DIR under /tmp or /var/tmp), under
+/// `$HOME/.cache/keyroll-tests`.
 pub fn workdir() -> tempfile::TempDir {
-    let base = PathBuf::from(env!("CARGO_TARGET_TMPDIR"));
+    let mut base = PathBuf::from(env!("CARGO_TARGET_TMPDIR"));
     std::fs::create_dir_all(&base).unwrap();
+    if under_world_writable(&base) {
+        let home = std::env::var_os("HOME").map(PathBuf::from).expect("HOME");
+        base = home.join(".cache/keyroll-tests");
+        std::fs::create_dir_all(&base).unwrap();
+        assert!(
+            !under_world_writable(&base),
+            "no directory free of world-writable ancestors for OpenDKIM's keys: {} and {}",
+            env!("CARGO_TARGET_TMPDIR"),
+            base.display()
+        );
+    }
     tempfile::Builder::new()
         .prefix("sidecar-")
         .tempdir_in(base)
