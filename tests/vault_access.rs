@@ -56,13 +56,20 @@ impl TlsBao {
     }
 
     fn cli(&self, args: &[&str]) -> std::process::Output {
-        Command::new(bao_bin())
-            .args(args)
+        self.cli_in(None, args)
+    }
+
+    /// The bao CLI against this server, optionally inside a namespace.
+    fn cli_in(&self, namespace: Option<&str>, args: &[&str]) -> std::process::Output {
+        let mut c = Command::new(bao_bin());
+        c.args(args)
             .env("VAULT_ADDR", &self.addr)
             .env("VAULT_TOKEN", &self.token)
-            .env("VAULT_CACERT", &self.ca)
-            .output()
-            .unwrap()
+            .env("VAULT_CACERT", &self.ca);
+        if let Some(ns) = namespace {
+            c.env("VAULT_NAMESPACE", ns);
+        }
+        c.output().unwrap()
     }
 
     fn cli_ok(&self, args: &[&str]) -> String {
@@ -112,17 +119,10 @@ fn tls_with_a_private_ca_and_a_namespace() {
     // With VAULT_CACERT and VAULT_NAMESPACE, keys land inside the namespace only.
     b.cli_ok(&["namespace", "create", "mail"]);
     for args in [
-        vec!["secrets", "enable", "transit"],
-        vec!["secrets", "enable", "-path=secret", "kv-v2"],
+        ["secrets", "enable", "transit"].as_slice(),
+        ["secrets", "enable", "-path=secret", "kv-v2"].as_slice(),
     ] {
-        let o = Command::new(bao_bin())
-            .args(&args)
-            .env("VAULT_ADDR", &b.addr)
-            .env("VAULT_TOKEN", &b.token)
-            .env("VAULT_CACERT", &b.ca)
-            .env("VAULT_NAMESPACE", "mail")
-            .output()
-            .unwrap();
+        let o = b.cli_in(Some("mail"), args);
         assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
     }
     let (code, out, err) = run(b
@@ -133,14 +133,10 @@ fn tls_with_a_private_ca_and_a_namespace() {
         .arg(&policy)
         .arg("apply"));
     assert_eq!(code, 0, "{out}\n{err}");
-    let o = Command::new(bao_bin())
-        .args(["read", "-format=json", &format!("transit/keys/{name}")])
-        .env("VAULT_ADDR", &b.addr)
-        .env("VAULT_TOKEN", &b.token)
-        .env("VAULT_CACERT", &b.ca)
-        .env("VAULT_NAMESPACE", "mail")
-        .output()
-        .unwrap();
+    let o = b.cli_in(
+        Some("mail"),
+        &["read", "-format=json", &format!("transit/keys/{name}")],
+    );
     assert!(o.status.success(), "key not in namespace");
     assert!(
         !b.cli(&["read", &format!("transit/keys/{name}")])

@@ -407,78 +407,59 @@ pub(crate) mod testutil {
         s.parse().unwrap()
     }
 
-    pub fn ed25519_key(name: &str, versions: &[(u32, &str)]) -> KeyMaterial {
+    /// A key of `key_type` whose version `v` has the material `material(v)` (private, public).
+    fn key_with(
+        name: &str,
+        key_type: KeyType,
+        versions: &[(u32, &str)],
+        material: impl Fn(u32) -> (String, Option<String>),
+    ) -> KeyMaterial {
         KeyMaterial {
             name: KeyName::new(name).unwrap(),
-            key_type: KeyType::Ed25519,
+            key_type,
             latest_version: versions.iter().map(|v| v.0).max().unwrap_or(0),
             versions: versions
                 .iter()
                 .map(|&(version, created)| {
-                    let (private, public, _) = ed25519_vault([version as u8; 32]);
+                    let (private, public) = material(version);
                     VersionMaterial {
                         version,
                         created: ts(created),
                         private: private.into(),
-                        public: Some(public),
+                        public,
                     }
                 })
                 .collect(),
         }
     }
 
+    pub fn ed25519_key(name: &str, versions: &[(u32, &str)]) -> KeyMaterial {
+        key_with(name, KeyType::Ed25519, versions, |v| {
+            let (private, public, _) = ed25519_vault([v as u8; 32]);
+            (private, Some(public))
+        })
+    }
+
     pub fn rsa_key(name: &str, versions: &[(u32, &str)]) -> KeyMaterial {
-        KeyMaterial {
-            name: KeyName::new(name).unwrap(),
-            key_type: KeyType::Rsa2048,
-            latest_version: versions.iter().map(|v| v.0).max().unwrap_or(0),
-            versions: versions
-                .iter()
-                .map(|&(version, created)| VersionMaterial {
-                    version,
-                    created: ts(created),
-                    private: RSA_PRIVATE_PKCS1.into(),
-                    public: Some(RSA_PUBLIC_SPKI.into()),
-                })
-                .collect(),
-        }
+        key_with(name, KeyType::Rsa2048, versions, |_| {
+            (RSA_PRIVATE_PKCS1.into(), Some(RSA_PUBLIC_SPKI.into()))
+        })
     }
 
     pub fn ecdsa_key(name: &str, versions: &[(u32, &str)]) -> KeyMaterial {
-        KeyMaterial {
-            name: KeyName::new(name).unwrap(),
-            key_type: KeyType::EcdsaP256,
-            latest_version: versions.iter().map(|v| v.0).max().unwrap_or(0),
-            versions: versions
-                .iter()
-                .map(|&(version, created)| VersionMaterial {
-                    version,
-                    created: ts(created),
-                    private: EC_PRIVATE_SEC1.into(),
-                    public: Some(EC_PUBLIC_SPKI.into()),
-                })
-                .collect(),
-        }
+        key_with(name, KeyType::EcdsaP256, versions, |_| {
+            (EC_PRIVATE_SEC1.into(), Some(EC_PUBLIC_SPKI.into()))
+        })
     }
 
     pub fn aes_key(name: &str, versions: &[(u32, &str)]) -> KeyMaterial {
         use base64::Engine as _;
-        KeyMaterial {
-            name: KeyName::new(name).unwrap(),
-            key_type: KeyType::Aes256Gcm96,
-            latest_version: versions.iter().map(|v| v.0).max().unwrap_or(0),
-            versions: versions
-                .iter()
-                .map(|&(version, created)| VersionMaterial {
-                    version,
-                    created: ts(created),
-                    private: base64::engine::general_purpose::STANDARD
-                        .encode([version as u8; 32])
-                        .into(),
-                    public: None,
-                })
-                .collect(),
-        }
+        key_with(name, KeyType::Aes256Gcm96, versions, |v| {
+            (
+                base64::engine::general_purpose::STANDARD.encode([v as u8; 32]),
+                None,
+            )
+        })
     }
 
     pub fn file<'a>(set: &'a FileSet, path: &str) -> &'a RenderedFile {
