@@ -14,8 +14,8 @@
 //! that does not render) degrades that key only: its last delivered material stays in the cache
 //! and in the files. Nothing is ever removed because of an error.
 //!
-//! HMAC keys: Vault reports no creation time for their versions; the sidecar uses the Unix epoch
-//! (`1970-01-01T00:00:00Z`) as `created` for them (only the keyring's metadata shows it).
+//! HMAC keys: Vault reports no creation time for their versions; the sidecar passes the Unix
+//! epoch as "unknown", and the keyring renderer omits `created` for such versions.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::sync::Arc;
