@@ -75,7 +75,9 @@ fn once_mode_delivers_every_format_with_private_files_0600() {
     // Vault keeps no creation time for hmac versions: the keyring omits it rather than invent one.
     assert!(hk["versions"][0].get("created").is_none(), "{hk}");
     assert_eq!(hk["versions"][0]["version"], 1);
-    assert!(hk["versions"][0]["key"].as_str().is_some_and(|k| !k.is_empty()));
+    assert!(hk["versions"][0]["key"]
+        .as_str()
+        .is_some_and(|k| !k.is_empty()));
 }
 
 #[test]
