@@ -412,6 +412,16 @@ fn key_spec(k: RawKey, line: usize) -> Result<KeySpec, (&'static str, String)> {
             Ok(())
         }
     };
+    // Fields only the opendkim format reads, refused elsewhere (pem and keyring-json).
+    let no_opendkim_fields = || -> Result<(), (&'static str, String)> {
+        only("keys.domain", k.domain.is_some(), "opendkim")?;
+        only("keys.selector", k.selector.is_some(), "opendkim")?;
+        only(
+            "keys.activate_after",
+            k.activate_after.is_some(),
+            "opendkim",
+        )
+    };
     let output = match format.as_str() {
         "opendkim" => {
             only("keys.private", k.private.is_some(), "pem")?;
@@ -440,13 +450,7 @@ fn key_spec(k: RawKey, line: usize) -> Result<KeySpec, (&'static str, String)> {
             })
         }
         "pem" => {
-            only("keys.domain", k.domain.is_some(), "opendkim")?;
-            only("keys.selector", k.selector.is_some(), "opendkim")?;
-            only(
-                "keys.activate_after",
-                k.activate_after.is_some(),
-                "opendkim",
-            )?;
+            no_opendkim_fields()?;
             let spec = PemSpec {
                 private: k.private.unwrap_or(true),
                 public: k.public.unwrap_or(true),
@@ -460,13 +464,7 @@ fn key_spec(k: RawKey, line: usize) -> Result<KeySpec, (&'static str, String)> {
             OutputSpec::Pem(spec)
         }
         "keyring-json" => {
-            only("keys.domain", k.domain.is_some(), "opendkim")?;
-            only("keys.selector", k.selector.is_some(), "opendkim")?;
-            only(
-                "keys.activate_after",
-                k.activate_after.is_some(),
-                "opendkim",
-            )?;
+            no_opendkim_fields()?;
             only("keys.private", k.private.is_some(), "pem")?;
             only("keys.public", k.public.is_some(), "pem")?;
             OutputSpec::KeyringJson
