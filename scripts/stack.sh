@@ -107,10 +107,13 @@ OUT=$STACK/opendkim/keys
 # --- children and their cleanup ----------------------------------------------------------------
 PIDS=()
 NAMES=()
+# Each child runs in a session of its own: a terminal's Ctrl-C (SIGINT to the foreground process
+# group) reaches only this script, which then stops the children in order (mailer first, Vault
+# last). Otherwise OpenBao would die of the SIGINT at once, under whatever the script was doing.
 start() { # start NAME CMD...: runs CMD in the background, logging to .stack/log/NAME.log
   local name=$1
   shift
-  "$@" >"$STACK/log/$name.log" 2>&1 &
+  setsid "$@" >"$STACK/log/$name.log" 2>&1 </dev/null &
   PIDS+=("$!")
   NAMES+=("$name")
   echo "$! $name" >>"$STACK/pids"
@@ -119,11 +122,14 @@ stopped=0
 cleanup() {
   [ "$stopped" = 1 ] && return
   stopped=1
-  local i pid n
+  local i pid n done=()
   # Reverse start order: the mailer first, Vault last.
   for ((i = ${#PIDS[@]} - 1; i >= 0; i--)); do
     pid=${PIDS[$i]}
-    kill -0 "$pid" 2>/dev/null || continue
+    if ! kill -0 "$pid" 2>/dev/null; then
+      echo "stack: ${NAMES[$i]} had already exited" >&2
+      continue
+    fi
     kill -TERM "$pid" 2>/dev/null || true
     for ((n = 0; n < 100; n++)); do kill -0 "$pid" 2>/dev/null || break; sleep 0.1; done
     if kill -0 "$pid" 2>/dev/null; then
@@ -131,8 +137,9 @@ cleanup() {
       kill -KILL "$pid" 2>/dev/null || true
     fi
     wait "$pid" 2>/dev/null || true
+    done+=("${NAMES[$i]}")
   done
-  [ ${#PIDS[@]} -gt 0 ] && say "stopped: ${NAMES[*]}"
+  [ ${#done[@]} -gt 0 ] && say "stopped: ${done[*]}"
 }
 trap 'cleanup' EXIT
 trap 'echo; say "interrupted; stopping"; cleanup; exit 130' INT
@@ -309,7 +316,8 @@ msg=1
 last_version=$(bao read -field=latest_version "transit/keys/$KEY")
 while :; do
   for name in bao keyroll sidecar opendkim; do alive "$name"; done
-  v=$(bao read -field=latest_version "transit/keys/$KEY")
+  # A failed read (Vault busy) is not fatal here: `alive bao` above tells a dead server.
+  v=$(bao read -field=latest_version "transit/keys/$KEY" 2>/dev/null) || v=$last_version
   if [ "$v" != "$last_version" ]; then
     say "Vault: keyroll rotated $KEY to v$v"
     last_version=$v
