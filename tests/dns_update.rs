@@ -376,3 +376,39 @@ async fn the_soa_gives_the_negative_caching_ttl() {
     assert_eq!((soa.minimum, soa.ttl), (5, 300));
     assert_eq!(soa.negative_ttl(), Duration::from_secs(5));
 }
+
+#[tokio::test]
+async fn updates_to_a_zone_not_served_or_not_open_to_the_key_fail_naming_zone_and_owner() {
+    let knot = Knot::start();
+    let owner_net = "kr1._domainkey.example.net";
+    let owner_org = "kr1._domainkey.example.org";
+    for (zone, owner) in [("example.net", owner_net), ("example.org", owner_org)] {
+        let key = keyroll::dns::tsig::TsigKey::from_text(
+            common::knot::KEY_NAME,
+            keyroll::dns::config::TsigAlgorithm::HmacSha256,
+            &knot.secret_b64,
+            &knot.secret_file,
+        )
+        .unwrap();
+        let c = keyroll::dns::Rfc2136Client::from_parts(
+            &knot.server(),
+            zone,
+            key,
+            300,
+            Duration::from_secs(5),
+        );
+        let e = c.set_txt(owner, "v=DKIM1; p=").await.unwrap_err();
+        let s = e.to_string();
+        assert!(s.contains(zone) && s.contains(owner), "{s}");
+        match zone {
+            // Not served at all: the read before the UPDATE is already refused.
+            "example.net" => assert!(
+                matches!(e, DnsError::Rcode { ref rcode, .. } if rcode == "REFUSED")
+                    && s.contains("does not serve zone example.net"),
+                "{s}"
+            ),
+            // Served, but no update ACL for this key: Knot's BADKEY.
+            _ => assert!(matches!(e, DnsError::BadKey { .. }), "{s}"),
+        }
+    }
+}

@@ -610,57 +610,70 @@ impl Rfc2136Client {
         let resp = decode_answer(&answer, &msg, &at).map_err(err)?;
         let rcode = resp.metadata.response_code;
         let tsig_error = resp.signature.as_ref().and_then(|s| s.data.error);
-        match (rcode, tsig_error) {
-            (_, Some(TsigError::BadSig)) => Err(err(DnsError::BadSig {
-                at,
-                key: self.key.name().to_string(),
-                secret_file: self.key.source().to_path_buf(),
-            })),
-            (_, Some(TsigError::BadKey)) => Err(err(DnsError::BadKey {
-                at,
-                key: self.key.name().to_string(),
-                algorithm: self.key.algorithm().as_str(),
-            })),
-            (_, Some(TsigError::BadTime)) => Err(err(DnsError::BadTime { at })),
-            (ResponseCode::NoError, _) => {
-                let mut verifier = verifier.ok_or_else(|| {
-                    err(DnsError::ResponseSignature {
-                        at: at.clone(),
-                        reason: "no verifier".into(),
-                    })
-                })?;
-                if resp.signature.is_none() {
-                    return Err(err(DnsError::ResponseSignature {
-                        at,
-                        reason: "the success answer is not signed".into(),
-                    }));
-                }
-                verifier.verify(&answer).map_err(|e| {
-                    err(DnsError::ResponseSignature {
-                        at: at.clone(),
-                        reason: e.to_string(),
-                    })
-                })?;
-                Ok(())
-            }
-            (ResponseCode::YXRRSet | ResponseCode::NXRRSet, _) => {
-                Err(UpdateFailure::Prerequisite(rcode_name(rcode)))
-            }
-            (ResponseCode::Refused, _) => Err(err(DnsError::Refused {
-                at,
-                key: self.key.name().to_string(),
-            })),
-            (ResponseCode::NotAuth, _) => Err(err(DnsError::NotAuth { at })),
-            (ResponseCode::NotZone, _) => Err(err(DnsError::NotZone { at })),
-            (other, tsig) => Err(err(DnsError::Rcode {
-                at,
-                rcode: rcode_name(other),
-                detail: tsig
-                    .map(|t| format!("TSIG error {t:?}"))
-                    .unwrap_or_default(),
-            })),
+        if let Some(failure) = update_failure(rcode, tsig_error, at.clone(), &self.key) {
+            return Err(failure);
         }
+        // Success must be signed by the server with our key, or it proves nothing.
+        if resp.signature.is_none() {
+            return Err(err(DnsError::ResponseSignature {
+                at,
+                reason: "the success answer is not signed".into(),
+            }));
+        }
+        let mut verifier = verifier.ok_or_else(|| {
+            err(DnsError::ResponseSignature {
+                at: at.clone(),
+                reason: "no verifier".into(),
+            })
+        })?;
+        verifier.verify(&answer).map_err(|e| {
+            err(DnsError::ResponseSignature {
+                at: at.clone(),
+                reason: e.to_string(),
+            })
+        })?;
+        Ok(())
     }
+}
+
+/// What an UPDATE answer's RCODE and TSIG error mean; `None` for NOERROR without a TSIG error.
+fn update_failure(
+    rcode: ResponseCode,
+    tsig_error: Option<TsigError>,
+    at: At,
+    key: &TsigKey,
+) -> Option<UpdateFailure> {
+    let e = match (rcode, tsig_error) {
+        (_, Some(TsigError::BadSig)) => DnsError::BadSig {
+            at,
+            key: key.name().to_string(),
+            secret_file: key.source().to_path_buf(),
+        },
+        (_, Some(TsigError::BadKey)) => DnsError::BadKey {
+            at,
+            key: key.name().to_string(),
+            algorithm: key.algorithm().as_str(),
+        },
+        (_, Some(TsigError::BadTime)) => DnsError::BadTime { at },
+        (ResponseCode::NoError, None) => return None,
+        (ResponseCode::YXRRSet | ResponseCode::NXRRSet, _) => {
+            return Some(UpdateFailure::Prerequisite(rcode_name(rcode)))
+        }
+        (ResponseCode::Refused, _) => DnsError::Refused {
+            at,
+            key: key.name().to_string(),
+        },
+        (ResponseCode::NotAuth, _) => DnsError::NotAuth { at },
+        (ResponseCode::NotZone, _) => DnsError::NotZone { at },
+        (other, tsig) => DnsError::Rcode {
+            at,
+            rcode: rcode_name(other),
+            detail: tsig
+                .map(|t| format!("TSIG error {t:?}"))
+                .unwrap_or_default(),
+        },
+    };
+    Some(UpdateFailure::Error(e))
 }
 
 /// Exponential pause with full jitter, capped.
@@ -701,6 +714,52 @@ mod tests {
                 "{p:?}"
             );
         }
+    }
+
+    #[test]
+    fn update_answers_map_to_typed_errors_that_say_what_to_check() {
+        let key = TsigKey::from_text(
+            "keyroll",
+            super::super::config::TsigAlgorithm::HmacSha256,
+            "c2VjcmV0LXNlY3JldC1zZWNyZXQtc2VjcmV0LTMyYnk=",
+            std::path::Path::new("/etc/keyroll/tsig.key"),
+        )
+        .unwrap();
+        let at = At::new("192.0.2.1:53", "example.com", "kr1._domainkey.example.com");
+        let msg = |rcode, tsig| match update_failure(rcode, tsig, at.clone(), &key) {
+            Some(UpdateFailure::Error(e)) => (e.kind(), e.to_string()),
+            Some(UpdateFailure::Prerequisite(r)) => ("prerequisite", r),
+            None => ("ok", String::new()),
+        };
+        assert_eq!(msg(ResponseCode::NoError, None).0, "ok");
+        let (kind, s) = msg(ResponseCode::Refused, None);
+        assert_eq!(kind, "refused");
+        assert!(s.contains("update ACL") && s.contains("keyroll"), "{s}");
+        let (kind, s) = msg(ResponseCode::NotAuth, None);
+        assert_eq!(kind, "notauth");
+        assert!(s.contains("not authoritative for zone example.com"), "{s}");
+        let (kind, s) = msg(ResponseCode::NotAuth, Some(TsigError::BadSig));
+        assert_eq!(kind, "badsig");
+        assert!(s.contains("/etc/keyroll/tsig.key"), "{s}");
+        assert_eq!(
+            msg(ResponseCode::NotAuth, Some(TsigError::BadKey)).0,
+            "badkey"
+        );
+        let (kind, s) = msg(ResponseCode::NotAuth, Some(TsigError::BadTime));
+        assert_eq!(kind, "badtime");
+        assert!(s.contains("NTP"), "{s}");
+        assert_eq!(msg(ResponseCode::NotZone, None).0, "notzone");
+        assert_eq!(
+            msg(ResponseCode::YXRRSet, None),
+            ("prerequisite", "YXRRSET".to_string())
+        );
+        assert_eq!(
+            msg(ResponseCode::NXRRSet, None),
+            ("prerequisite", "NXRRSET".to_string())
+        );
+        let (kind, s) = msg(ResponseCode::ServFail, None);
+        assert_eq!(kind, "rcode");
+        assert!(s.contains("SERVFAIL"), "{s}");
     }
 
     #[test]
