@@ -26,6 +26,7 @@ use super::config::KeyDns;
 use super::records::{self, classify, owner_name, Served, TxtAnswer};
 use crate::duration::human;
 use crate::keyformat::DkimAlgorithm;
+use crate::vault::transit::TransitKey;
 
 /// What keyroll knows about one available version from Vault and its own record.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -62,6 +63,39 @@ pub struct KeyFacts {
 impl KeyFacts {
     fn get(&self, v: u32) -> Option<&VersionFacts> {
         self.versions.iter().find(|f| f.version == v)
+    }
+
+    /// The facts from a transit key as Vault reports it and keyroll's retirement times
+    /// (`KeyRecord.retired`): versions from `min_available_version` to `latest_version`, usable
+    /// from `min_decryption_version`, with their public keys.
+    pub fn from_transit(
+        key: &TransitKey,
+        retired: &BTreeMap<u32, Timestamp>,
+        signing: Option<u32>,
+    ) -> Result<Self, records::RecordError> {
+        let alg = records::dkim_algorithm(&key.key_type)?;
+        let min_available = key.min_available_version.max(1);
+        let min_usable = key.min_decryption_version.max(1).max(min_available);
+        let versions = (min_available..=key.latest_version)
+            .map(|v| VersionFacts {
+                version: v,
+                public_key: key.public_keys.get(&v).cloned(),
+                status: if v >= min_usable {
+                    VersionStatus::Usable
+                } else {
+                    VersionStatus::Retired {
+                        at: retired.get(&v).copied(),
+                    }
+                },
+            })
+            .collect();
+        Ok(KeyFacts {
+            key: key.name.clone(),
+            alg,
+            versions,
+            disposed_below: key.min_available_version,
+            signing,
+        })
     }
 }
 

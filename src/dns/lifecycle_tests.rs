@@ -10,6 +10,7 @@ use proptest::prelude::*;
 use super::*;
 use crate::dns::records::{record_value, revoked_value, SelectorTemplate};
 use crate::duration::Span;
+use crate::vault::transit::TransitKey;
 
 const DAY: i64 = 86_400;
 
@@ -389,6 +390,40 @@ fn a_template_that_would_reuse_a_recorded_owner_is_refused() {
         "{:?}",
         p.problems
     );
+}
+
+#[test]
+fn facts_from_a_transit_key_follow_its_minimums() {
+    let key = TransitKey {
+        name: "dkim".into(),
+        key_type: "ed25519".into(),
+        exportable: false,
+        deletion_allowed: false,
+        latest_version: 4,
+        min_decryption_version: 3,
+        min_encryption_version: 0,
+        min_available_version: 2,
+        versions: (2..=4).map(|v| (v, t(v as i64))).collect(),
+        public_keys: (2..=4).map(|v| (v, pk(v))).collect(),
+    };
+    let f = KeyFacts::from_transit(&key, &[(2, t(9))].into(), Some(4)).unwrap();
+    assert_eq!(f.disposed_below, 2);
+    assert_eq!(f.signing, Some(4));
+    assert_eq!(
+        f.versions
+            .iter()
+            .map(|v| (v.version, v.status))
+            .collect::<Vec<_>>(),
+        [
+            (2, VersionStatus::Retired { at: Some(t(9)) }),
+            (3, VersionStatus::Usable),
+            (4, VersionStatus::Usable)
+        ]
+    );
+    assert_eq!(f.versions[0].public_key.as_deref(), Some(pk(2).as_str()));
+    let mut aes = key.clone();
+    aes.key_type = "aes256-gcm96".into();
+    assert!(KeyFacts::from_transit(&aes, &BTreeMap::new(), None).is_err());
 }
 
 #[test]
