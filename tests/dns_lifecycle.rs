@@ -11,7 +11,7 @@ use std::time::{Duration, Instant};
 use common::knot::{client, target, Knot};
 use common::{unique, Bao};
 use jiff::{SignedDuration, Timestamp};
-use keyroll::dns::client::check_servers;
+use keyroll::dns::check_servers;
 use keyroll::dns::lifecycle::{
     may_sign, owners_to_check, DnsAction, DnsState, KeyFacts, OwnerObservation, SignGate, Stage,
     VersionFacts, VersionStatus,

@@ -4,7 +4,8 @@
 //! - `records`: pure — owner names, TXT values (full and revoked), semantic comparison.
 //! - `lifecycle`: pure — `(settings, versions, recorded state, answers, now) -> DnsPlan`.
 //! - `config`: the `[[dns.target]]` and per-key `dns` sections (raw → validated).
-//! - `client`: RFC 2136 UPDATE with TSIG to a primary, and the queries (TXT, SOA, NS).
+//! - `client`: RFC 2136 UPDATEs signed with TSIG to a zone's primary (compare-and-swap).
+//! - `query`: TXT, SOA and NS queries to one server; the servers to check for a target.
 //! - `observe`: asks the primary and every authoritative server about a set of owners.
 //! - `zonefile`: the `$INCLUDE`-file target (render, atomic write, reload).
 //! - `tsig`, `error`, `transport`: the key, typed errors, UDP/TCP with one timeout.
@@ -14,12 +15,14 @@ pub mod config;
 pub mod error;
 pub mod lifecycle;
 pub mod observe;
+pub mod query;
 pub mod records;
 mod transport;
 pub mod tsig;
 pub mod zonefile;
 
-pub use client::{query_soa, query_txt, zone_servers, AuthServer, Change, Rfc2136Client, SoaInfo};
+pub use client::{Change, Rfc2136Client};
 pub use config::{DnsTarget, DnsTargets, KeyDns, RawDns, RawKeyDns};
 pub use error::{At, DnsError};
-pub use lifecycle::{plan_dns, DnsAction, DnsPlan, DnsState, KeyFacts};
+pub use lifecycle::{may_sign, plan_dns, DnsAction, DnsPlan, DnsState, KeyFacts};
+pub use query::{check_servers, query_soa, query_txt, zone_servers, AuthServer, SoaInfo};

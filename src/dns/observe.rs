@@ -11,8 +11,8 @@ use std::time::Duration;
 
 use futures::stream::{self, StreamExt};
 
-use super::client::{query_txt, AuthServer};
 use super::lifecycle::{OwnerCheck, OwnerObservation, Probe};
+use super::query::{query_txt, AuthServer};
 
 /// Most DNS queries in flight at once during one observation.
 pub const MAX_CONCURRENT_QUERIES: usize = 16;
