@@ -104,6 +104,11 @@ impl KeyFacts {
 pub struct VersionDns {
     /// Where the record lives, fixed at first sight.
     pub owner: String,
+    /// Fingerprint of the public key published there (`key_fingerprint`): a version number that
+    /// comes back with another key (a transit key deleted and created again) must not reuse
+    /// the selector.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub key: Option<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub published_at: Option<Timestamp>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -311,9 +316,10 @@ impl DnsState {
                 ..Default::default()
             });
         match action {
-            DnsAction::Publish { .. } => {
+            DnsAction::Publish { value, .. } => {
                 *e = VersionDns {
                     owner: e.owner.clone(),
+                    key: Some(key_fingerprint(value)),
                     published_at: Some(now),
                     retired_seen: e.retired_seen,
                     ..Default::default()
@@ -452,6 +458,19 @@ fn all_serve(obs: Option<&OwnerObservation>, value: &str) -> Result<usize, Strin
     }
 }
 
+/// First 16 bytes of SHA-256 over a record's `p=` (whitespace removed), hex: enough to tell
+/// two public keys apart, short enough for keyroll's KV record.
+pub fn key_fingerprint(value: &str) -> String {
+    use sha2::{Digest, Sha256};
+    let p = records::DkimTags::parse(value)
+        .map(|t| t.public_key().to_string())
+        .unwrap_or_else(|| value.to_string());
+    Sha256::digest(p.as_bytes())[..16]
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect()
+}
+
 fn add(a: Timestamp, d: SignedDuration) -> Timestamp {
     a.checked_add(d).unwrap_or(Timestamp::MAX)
 }
@@ -501,6 +520,17 @@ pub fn plan_dns(
                  selectors are never reused, so change the selector template"
             ));
             continue;
+        }
+        let published_key = rec.and_then(|r| r.key.as_deref());
+        if let (Some(was), Ok(value)) = (published_key, full_value(facts, v)) {
+            if key_fingerprint(&value) != was {
+                plan.problems.push(format!(
+                    "v{v} now has another public key than the one published at {owner} (was the \
+                     transit key deleted and created again?); selectors are never reused, so \
+                     change the selector template or the domain"
+                ));
+                continue;
+            }
         }
         let ctx = Ctx {
             policy,
@@ -771,6 +801,24 @@ impl Ctx<'_> {
             }
         }
     }
+}
+
+/// Every record keyroll's state says should exist now, as `(owner, value)`: the content of a
+/// zone-file target after the plan's actions were recorded (the file is rendered from this each
+/// run, so a hand edit of the file is undone by the next publish).
+pub fn zone_records(facts: &KeyFacts, state: &DnsState) -> Vec<(String, String)> {
+    let mut out = Vec::new();
+    for (v, r) in &state.versions {
+        if r.removed_at.is_some() || r.published_at.is_none() {
+            continue;
+        }
+        if r.revoked_at.is_some() {
+            out.push((r.owner.clone(), records::revoked_value(facts.alg)));
+        } else if let Ok(value) = full_value(facts, *v) {
+            out.push((r.owner.clone(), value));
+        }
+    }
+    out
 }
 
 /// Whether the mailer may sign with `version` now.

@@ -427,6 +427,64 @@ fn facts_from_a_transit_key_follow_its_minimums() {
 }
 
 #[test]
+fn zone_records_follow_the_recorded_stages() {
+    let pol = policy(DAY, DAY);
+    let mut state = DnsState::default();
+    let mut w = World::default();
+    let f = facts(3, 1, 0, &[]);
+    w.apply(&run(&pol, &f, &state, &w, t(0)), &mut state, t(0));
+    let f = facts(3, 3, 0, &[(1, 0), (2, DAY)]);
+    w.apply(&run(&pol, &f, &state, &w, t(DAY)), &mut state, t(DAY));
+    w.apply(
+        &run(&pol, &f, &state, &w, t(2 * DAY)),
+        &mut state,
+        t(2 * DAY),
+    );
+    assert_eq!(state.versions[&1].stage(), Stage::Removed);
+    assert_eq!(state.versions[&2].stage(), Stage::Revoked);
+    assert_eq!(
+        zone_records(&f, &state),
+        vec![
+            (owner(2), revoked_value(DkimAlgorithm::Ed25519)),
+            (owner(3), value(3))
+        ]
+    );
+    // The same content the primary holds after the same actions.
+    let mut from_primary: Vec<(String, String)> = w
+        .primary
+        .iter()
+        .map(|(o, v)| (o.clone(), v[0].clone()))
+        .collect();
+    from_primary.sort();
+    assert_eq!(zone_records(&f, &state), from_primary);
+}
+
+#[test]
+fn a_version_that_comes_back_with_another_key_never_reuses_its_selector() {
+    let pol = policy(DAY, DAY);
+    let mut state = DnsState::default();
+    let mut w = World::default();
+    let f = facts(1, 1, 0, &[]);
+    w.apply(&run(&pol, &f, &state, &w, t(0)), &mut state, t(0));
+    // The transit key was deleted and created again: v1 exists with another public key.
+    let mut f2 = f.clone();
+    f2.versions[0].public_key = Some(STANDARD.encode([99u8; 32]));
+    let p = run(&pol, &f2, &state, &w, t(1));
+    assert!(p.actions.is_empty(), "{p:?}");
+    assert!(
+        p.problems[0].contains("another public key"),
+        "{:?}",
+        p.problems
+    );
+    assert_eq!(w.primary[&owner(1)], vec![value(1)]);
+    // Whitespace or string splits in the same key are the same key.
+    assert_eq!(
+        key_fingerprint(&value(1)),
+        key_fingerprint(&value(1).replace("p=", "p= "))
+    );
+}
+
+#[test]
 fn state_round_trips_through_json() {
     let mut state = DnsState::default();
     state.record(
@@ -441,7 +499,10 @@ fn state_round_trips_through_json() {
     let json = serde_json::to_string(&state).unwrap();
     assert_eq!(
         json,
-        r#"{"versions":{"3":{"owner":"kr3._domainkey.example.com","published_at":"2027-01-15T08:00:05Z"}}}"#
+        format!(
+            r#"{{"versions":{{"3":{{"owner":"kr3._domainkey.example.com","key":"{}","published_at":"2027-01-15T08:00:05Z"}}}}}}"#,
+            key_fingerprint(&value(3))
+        )
     );
     assert_eq!(serde_json::from_str::<DnsState>(&json).unwrap(), state);
     assert_eq!(
