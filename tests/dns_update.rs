@@ -7,12 +7,13 @@ mod common;
 
 use std::time::{Duration, Instant};
 
-use common::knot::{client, Knot};
+use common::knot::{client, target_with_key, Knot, KEY512_NAME};
 use common::{unique, Bao};
+use keyroll::dns::config::{TargetKind, TsigAlgorithm};
 use keyroll::dns::records::{
     classify, dkim_algorithm, record_value, revoked_value, serves_key, DkimTags, Served,
 };
-use keyroll::dns::{query_soa, query_txt, AuthServer, Change, DnsError};
+use keyroll::dns::{query_soa, query_txt, AuthServer, Change, DnsError, Rfc2136Client};
 
 /// A new transit key of `key_type` and its version 1 public key as Vault reports it.
 fn vault_public_key(key_type: &str) -> String {
@@ -77,6 +78,26 @@ async fn a_published_record_is_served_and_an_unchanged_one_sends_no_update() {
     let before = serial(&knot);
     assert_eq!(c.set_txt(owner, &value).await.unwrap(), Change::Unchanged);
     assert_eq!(serial(&knot), before);
+}
+
+#[tokio::test]
+async fn an_hmac_sha512_key_signs_updates_too() {
+    let knot = Knot::start();
+    let t = target_with_key(
+        &knot,
+        KEY512_NAME,
+        &knot.secret512_file,
+        "tsig_algorithm = \"hmac-sha512\"",
+    );
+    let TargetKind::Rfc2136(spec) = &t.kind else {
+        unreachable!()
+    };
+    assert_eq!(spec.tsig.algorithm, TsigAlgorithm::HmacSha512);
+    let c = Rfc2136Client::new(&t, spec).unwrap();
+    let owner = "kr1._domainkey.example.com";
+    let value = dkim_value("ed25519");
+    assert_eq!(c.set_txt(owner, &value).await.unwrap(), Change::Created);
+    assert_eq!(knot.txt(owner).txt, vec![value]);
 }
 
 #[tokio::test]
@@ -340,18 +361,12 @@ async fn a_silent_server_times_out_within_the_timeout() {
     .unwrap();
     let key = keyroll::dns::tsig::TsigKey::from_text(
         "keyroll",
-        keyroll::dns::config::TsigAlgorithm::HmacSha256,
+        TsigAlgorithm::HmacSha256,
         &std::fs::read_to_string(key_file.path()).unwrap(),
         key_file.path(),
     )
     .unwrap();
-    let c = keyroll::dns::Rfc2136Client::from_parts(
-        &server.addr.to_string(),
-        "example.com",
-        key,
-        300,
-        timeout,
-    );
+    let c = Rfc2136Client::from_parts(&server.addr.to_string(), "example.com", key, 300, timeout);
     // The read before the UPDATE times out first: still bounded by one timeout per request.
     let started = Instant::now();
     let e = c
@@ -385,18 +400,12 @@ async fn updates_to_a_zone_not_served_or_not_open_to_the_key_fail_naming_zone_an
     for (zone, owner) in [("example.net", owner_net), ("example.org", owner_org)] {
         let key = keyroll::dns::tsig::TsigKey::from_text(
             common::knot::KEY_NAME,
-            keyroll::dns::config::TsigAlgorithm::HmacSha256,
+            TsigAlgorithm::HmacSha256,
             &knot.secret_b64,
             &knot.secret_file,
         )
         .unwrap();
-        let c = keyroll::dns::Rfc2136Client::from_parts(
-            &knot.server(),
-            zone,
-            key,
-            300,
-            Duration::from_secs(5),
-        );
+        let c = Rfc2136Client::from_parts(&knot.server(), zone, key, 300, Duration::from_secs(5));
         let e = c.set_txt(owner, "v=DKIM1; p=").await.unwrap_err();
         let s = e.to_string();
         assert!(s.contains(zone) && s.contains(owner), "{s}");

@@ -1,8 +1,8 @@
 //! A real Knot DNS server for the DNS tests (Debian `knot`, started by each test on a free
 //! loopback port in a private directory, stopped on drop).
 //!
-//! Zone `example.com` accepts RFC 2136 UPDATEs signed with TSIG key `keyroll` (hmac-sha256),
-//! and its ACL is the least-privilege one keyroll documents: TXT records only, strictly below
+//! Zone `example.com` accepts RFC 2136 UPDATEs signed with TSIG key `keyroll` (hmac-sha256) or
+//! `keyroll-512` (hmac-sha512), and its ACL is the least-privilege one keyroll documents: TXT records only, strictly below
 //! `_domainkey.example.com`. Its SOA has MINIMUM 5 and TTL 300, so its negative-caching TTL is
 //! 5 s. Zone `example.org` is loaded from a zone file that `$INCLUDE`s `dkim.inc`, for the
 //! zone-file target. `Knot::pair()` adds a secondary on 127.0.0.2 (same port), fed by NOTIFY
@@ -17,8 +17,10 @@ use std::time::{Duration, Instant};
 use base64::engine::general_purpose::STANDARD;
 use base64::Engine as _;
 
-/// Name of the TSIG key the zones accept.
+/// Name of the TSIG key (hmac-sha256) the zones accept.
 pub const KEY_NAME: &str = "keyroll";
+/// A second accepted key, hmac-sha512, under the same ACL.
+pub const KEY512_NAME: &str = "keyroll-512";
 /// How long to wait for knotd to answer after a start.
 const START_DEADLINE: Duration = Duration::from_secs(60);
 
@@ -63,6 +65,9 @@ pub struct Knot {
     /// base64 of the TSIG secret (also in `secret_file`).
     pub secret_b64: String,
     pub secret_file: PathBuf,
+    /// The hmac-sha512 key's secret file (key `KEY512_NAME`).
+    pub secret512_file: PathBuf,
+    secret512_b64: String,
     pub conf: PathBuf,
     child: Option<Child>,
 }
@@ -119,6 +124,10 @@ impl Knot {
         let secret_b64 = STANDARD.encode(secret);
         let secret_file = dir.path().join("tsig.key");
         std::fs::write(&secret_file, format!("{secret_b64}\n")).unwrap();
+        let secret512: [u8; 64] = rand::random();
+        let secret512_b64 = STANDARD.encode(secret512);
+        let secret512_file = dir.path().join("tsig512.key");
+        std::fs::write(&secret512_file, format!("{secret512_b64}\n")).unwrap();
         let conf = dir.path().join("knot.conf");
         Knot {
             dir,
@@ -126,6 +135,8 @@ impl Knot {
             port,
             secret_b64,
             secret_file,
+            secret512_file,
+            secret512_b64,
             conf,
             child: None,
         }
@@ -137,7 +148,8 @@ impl Knot {
             "server:\n    rundir: \"{d}/run\"\n    listen: {ip}@{port}\n{user}\
              log:\n  - target: stderr\n    any: info\n\
              database:\n    storage: \"{d}/db\"\n\
-             key:\n  - id: {KEY_NAME}\n    algorithm: hmac-sha256\n    secret: {secret}\n",
+             key:\n  - id: {KEY_NAME}\n    algorithm: hmac-sha256\n    secret: {secret}\n\
+             \x20 - id: {KEY512_NAME}\n    algorithm: hmac-sha512\n    secret: {secret512}\n",
             ip = self.ip,
             port = self.port,
             user = if is_root() {
@@ -146,6 +158,7 @@ impl Knot {
                 ""
             },
             secret = self.secret_b64,
+            secret512 = self.secret512_b64,
         )
     }
 
@@ -182,7 +195,7 @@ impl Knot {
         let conf = format!(
             "{server}{remote}\
              acl:\n\
-             \x20 - id: keyroll-dkim\n    key: {KEY_NAME}\n    action: update\n    update-type: [TXT]\n\
+             \x20 - id: keyroll-dkim\n    key: [{KEY_NAME}, {KEY512_NAME}]\n    action: update\n    update-type: [TXT]\n\
              \x20   update-owner: name\n    update-owner-match: sub\n    update-owner-name: [_domainkey]\n\
              \x20 - id: transfer\n    address: 127.0.0.0/8\n    action: transfer\n\
              template:\n  - id: default\n    storage: \"{d}/zones\"\n    zonefile-sync: -1\n\
@@ -440,13 +453,24 @@ fn join_txt(s: &str) -> String {
     out
 }
 
-/// This server as a keyroll `[[dns.target]]` (kind rfc2136, zone example.com), parsed and
-/// validated through the real config path; `extra` adds TOML lines (e.g. `timeout = "2s"`,
-/// `servers = [...]`; without `servers` the zone's NS set is checked).
+/// This server as a keyroll `[[dns.target]]` (kind rfc2136, zone example.com, TSIG key
+/// `KEY_NAME`), parsed and validated through the real config path; `extra` adds TOML lines
+/// (e.g. `timeout = "2s"`, `servers = [...]`; without `servers` the zone's NS set is checked).
 pub fn target(knot: &Knot, secret_file: &Path, extra: &str) -> keyroll::dns::DnsTarget {
+    target_with_key(knot, KEY_NAME, secret_file, extra)
+}
+
+/// `target` with another TSIG key name (e.g. `KEY512_NAME` with
+/// `tsig_algorithm = "hmac-sha512"` in `extra`).
+pub fn target_with_key(
+    knot: &Knot,
+    key: &str,
+    secret_file: &Path,
+    extra: &str,
+) -> keyroll::dns::DnsTarget {
     let text = format!(
         "[[target]]\nname = \"primary\"\nkind = \"rfc2136\"\nzone = \"example.com\"\n\
-         server = \"{}\"\ntsig_key = \"{KEY_NAME}\"\ntsig_secret_file = \"{}\"\n{extra}\n",
+         server = \"{}\"\ntsig_key = \"{key}\"\ntsig_secret_file = \"{}\"\n{extra}\n",
         knot.server(),
         secret_file.display(),
     );
