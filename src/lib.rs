@@ -14,6 +14,7 @@ pub use keyname::KeyName;
 pub use keytype::KeyType;
 pub mod audit;
 pub mod config;
+pub mod dns;
 pub mod duration;
 pub mod events;
 pub mod notify;
