@@ -13,6 +13,17 @@ use crate::duration::Span;
 
 /// Default HTTP timeout for every Vault request: keyroll never waits forever on Vault.
 pub const DEFAULT_VAULT_TIMEOUT_SECS: u64 = 30;
+/// Longest `[vault] timeout` accepted: a request that may hang longer is as bad as no timeout.
+pub const MAX_VAULT_TIMEOUT_SECS: u64 = 600;
+/// Default `[vault] max_clock_skew`: how far the local clock may be from Vault's (its `Date`
+/// header) before keyroll refuses to change anything. Schedules are days; 30 s is noise there,
+/// while a clock minutes off is a broken NTP worth stopping for.
+pub const DEFAULT_MAX_CLOCK_SKEW_SECS: u64 = 30;
+/// Smallest `max_clock_skew` accepted: `Date` has whole seconds and the request takes time, so
+/// the measurement itself is only good to about a second.
+pub const MIN_MAX_CLOCK_SKEW_SECS: u64 = 2;
+/// Largest `max_clock_skew` accepted (one hour): beyond that the check would mean nothing.
+pub const MAX_MAX_CLOCK_SKEW_SECS: u64 = 3600;
 /// Default timeout for a notifier (webhook POST, SMTP session).
 pub const DEFAULT_NOTIFY_TIMEOUT_SECS: u64 = 10;
 
@@ -89,6 +100,7 @@ pub struct RawVault {
     allow_insecure_http: Option<bool>,
     token_file: Option<PathBuf>,
     approle: Option<RawAppRole>,
+    max_clock_skew: Option<Span>,
 }
 
 #[derive(Debug, Deserialize, Default, Clone)]
@@ -110,6 +122,8 @@ pub struct VaultSettings {
     pub allow_insecure_http: bool,
     pub token_file: Option<PathBuf>,
     pub approle: Option<AppRoleSettings>,
+    /// How far the local clock may be from Vault's; default [`DEFAULT_MAX_CLOCK_SKEW_SECS`].
+    pub max_clock_skew: Option<Span>,
 }
 
 /// AppRole login; the IDs come from files (or `KEYROLL_ROLE_ID`/`KEYROLL_SECRET_ID`).
@@ -138,6 +152,29 @@ impl VaultSettings {
                 })
             })
             .transpose()?;
+        if let Some(t) = raw.timeout {
+            if t.std().as_secs() > MAX_VAULT_TIMEOUT_SECS {
+                return Err((
+                    "vault.timeout",
+                    format!("{t} is longer than the maximum of {MAX_VAULT_TIMEOUT_SECS}s"),
+                ));
+            }
+        }
+        if let Some(m) = raw.max_clock_skew {
+            let d = m.std();
+            if d < std::time::Duration::from_secs(MIN_MAX_CLOCK_SKEW_SECS)
+                || d > std::time::Duration::from_secs(MAX_MAX_CLOCK_SKEW_SECS)
+            {
+                return Err((
+                    "vault.max_clock_skew",
+                    format!(
+                        "{m} is outside {MIN_MAX_CLOCK_SKEW_SECS}s..={MAX_MAX_CLOCK_SKEW_SECS}s \
+                         (the Date header is only good to about a second; fix NTP rather than \
+                         widening this)"
+                    ),
+                ));
+            }
+        }
         Ok(VaultSettings {
             address: raw.address,
             namespace: raw.namespace,
@@ -146,6 +183,7 @@ impl VaultSettings {
             allow_insecure_http: raw.allow_insecure_http.unwrap_or(false),
             token_file: raw.token_file.map(|p| resolve(base, p)),
             approle,
+            max_clock_skew: raw.max_clock_skew,
         })
     }
 }

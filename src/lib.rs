@@ -21,6 +21,7 @@ pub mod notify;
 pub mod planner;
 pub mod policy;
 pub mod state;
+pub mod tls;
 pub mod vault;
 
 /// An error with its causes, `a: b: c`. reqwest and lettre put the useful part ("connection

@@ -60,9 +60,12 @@ async fn send_webhook(w: &WebhookSettings, body: &[u8]) -> Result<(), NotifyErro
         url: w.url.to_string(),
         reason,
     };
-    let _ = rustls::crypto::ring::default_provider().install_default();
+    crate::tls::install_provider();
+    // Never follow a redirect: it would carry the body, its signature and the bearer token to
+    // whatever host the receiver (or someone who took over its name) points at.
     let client = reqwest::Client::builder()
         .timeout(w.timeout.std())
+        .redirect(reqwest::redirect::Policy::none())
         .build()
         .map_err(|e| err(e.to_string()))?;
     let mut req = client
@@ -91,6 +94,20 @@ async fn send_webhook(w: &WebhookSettings, body: &[u8]) -> Result<(), NotifyErro
         );
     }
     let resp = req.send().await.map_err(|e| err(error_chain(&e)))?;
+    if resp.status().is_redirection() {
+        let to = resp
+            .headers()
+            .get(reqwest::header::LOCATION)
+            .and_then(|l| l.to_str().ok())
+            .and_then(|l| w.url.join(l).ok())
+            .map(|u| u.origin().ascii_serialization())
+            .unwrap_or_else(|| "elsewhere".into());
+        return Err(err(format!(
+            "answered {} (a redirect to {to}); webhooks are never redirected, so nothing was \
+             delivered: set url to the final address",
+            resp.status()
+        )));
+    }
     if !resp.status().is_success() {
         return Err(err(format!("answered {}", resp.status())));
     }
@@ -103,7 +120,7 @@ async fn send_email(e: &EmailSettings, run_id: &str, events: &[Event]) -> Result
         port: e.port,
         reason,
     };
-    let _ = rustls::crypto::ring::default_provider().install_default();
+    crate::tls::install_provider();
     let failures = events
         .iter()
         .filter(|ev| ev.kind == crate::events::EventKind::Failed)

@@ -51,7 +51,7 @@ pub enum ReloadError {
 
 /// Runs reloads until `rx` closes.
 pub async fn run(mut rx: watch::Receiver<Request>, shared: Arc<Shared>) {
-    let _ = rustls::crypto::ring::default_provider().install_default();
+    keyroll::tls::install_provider();
     let http = reqwest::Client::builder().build().ok();
     while rx.changed().await.is_ok() {
         let req = rx.borrow_and_update().clone();

@@ -1,523 +1,181 @@
-//! Building a Vault client from config and environment, authenticating, renewing, and the one
-//! HTTP request function every typed endpoint goes through.
+//! The connected client: [`Vault`] and the one request path every typed endpoint goes through.
 //!
-//! Precedence, as for Vault's own CLI and Agent: command-line flags, then environment
-//! (`VAULT_ADDR`/`BAO_ADDR`, `VAULT_NAMESPACE`, `VAULT_CACERT`, `VAULT_TOKEN`), then the config
-//! file. Tokens are never taken from the command line (they would show in `ps`).
+//! A request is sent to the current node with the token; what comes back decides what happens
+//! next, in one place ([`Vault::call`]):
+//! - a redirect is followed only to a configured Vault address of the same scheme (the token is
+//!   re-sent by us, never by the HTTP library); any other redirect is refused;
+//! - a failure that certainly changed nothing (no connection, 503 sealed/standby, 429) is
+//!   retried with backoff, any method; one that may have been applied (timeout, 5xx, lost
+//!   answer) is retried only for reads, and a timeout is not repeated against the same node;
+//! - a 403 with an auth method that can log in again (AppRole, token file) gets one fresh login
+//!   and one retry when Vault no longer accepts the token itself ([`Vault::request`]);
+//! - every answer's `Date` updates the clock-skew measurement, and writes are refused while it
+//!   is beyond `max_clock_skew`.
+//!
+//! Settings resolution lives in [`super::settings`], tokens in [`super::auth`], the HTTP client
+//! and the meaning of answers in [`super::http`]; their public items are re-exported here for
+//! code written against the old single-file client.
 
-use std::net::IpAddr;
-use std::path::{Path, PathBuf};
-use std::sync::{Arc, RwLock};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
 use std::time::Duration;
 
 use reqwest::header::{HeaderMap, HeaderValue};
 use reqwest::Method;
-use secrecy::{ExposeSecret, SecretString};
+use secrecy::ExposeSecret;
 use serde::de::DeserializeOwned;
 use serde_json::Value;
 use url::Url;
 
-use super::error::{clean_message, VaultError};
-use crate::config::{VaultSettings, DEFAULT_VAULT_TIMEOUT_SECS};
-use crate::error_chain;
+use super::auth::Tokens;
+use super::backoff::Backoff;
+use super::clock::{self, Clock, ClockSkew};
+use super::error::VaultError;
+use super::http::{
+    is_write, origin, redirect_shown, redirect_target, send_error, status_error, Answer, Transport,
+};
+pub use super::settings::{env_var, is_loopback, AuthMethod, ClientConfig, ClientOverrides};
 
-/// Renew a token once this fraction of its TTL has passed.
-const RENEW_AT_FRACTION: f64 = 2.0 / 3.0;
-/// Do not renew more often than this, unless the TTL itself is shorter than twice this.
-const MIN_RENEW_INTERVAL: Duration = Duration::from_secs(1);
-/// After a failed login, try again this soon.
-const RELOGIN_RETRY: Duration = Duration::from_secs(5);
+/// First delay before a request is retried; doubles (with jitter) up to [`RETRY_BACKOFF_MAX`].
+pub const RETRY_BACKOFF_INITIAL: Duration = Duration::from_millis(200);
+/// Longest delay between two attempts of one request.
+pub const RETRY_BACKOFF_MAX: Duration = Duration::from_secs(2);
+/// Attempts per request against a single Vault address (the first one included): enough to ride
+/// out a dropped connection or a one-off 500, short enough that a pass reports a real outage.
+pub const SINGLE_NODE_ATTEMPTS: u32 = 3;
+/// Redirects followed for one request (a standby pointing at the active node needs one).
+pub const MAX_REDIRECTS: u32 = 3;
+/// `Vault::check_clock` measures afresh when the last measurement is older than this.
+pub const CLOCK_RECHECK: Duration = Duration::from_secs(60);
 
-/// Values given on the command line; they beat environment and file.
-#[derive(Debug, Clone, Default)]
-pub struct ClientOverrides {
-    pub address: Option<String>,
-    pub namespace: Option<String>,
-    pub ca_cert: Option<PathBuf>,
-    pub allow_insecure_http: bool,
-}
-
-/// How to obtain a token.
-pub enum AuthMethod {
-    /// A token given directly (from `VAULT_TOKEN`/`BAO_TOKEN`).
-    Token(SecretString),
-    /// A file holding the token; re-read on every login so rotated files are picked up.
-    TokenFile(PathBuf),
-    /// AppRole login with IDs read from files or the environment.
-    AppRole {
-        mount: String,
-        role_id: SecretString,
-        secret_id: SecretString,
-    },
-}
-
-impl std::fmt::Debug for AuthMethod {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        match self {
-            AuthMethod::Token(_) => f.write_str("Token(<redacted>)"),
-            AuthMethod::TokenFile(p) => write!(f, "TokenFile({})", p.display()),
-            AuthMethod::AppRole { mount, .. } => write!(f, "AppRole(mount={mount})"),
-        }
-    }
-}
-
-/// Everything needed to connect, resolved and validated.
-#[derive(Debug)]
-pub struct ClientConfig {
-    pub address: Url,
-    pub namespace: Option<String>,
-    pub ca_cert: Option<PathBuf>,
-    pub timeout: Duration,
-    pub auth: AuthMethod,
-}
-
-/// Reads an environment variable, treating empty as unset.
-pub fn env_var(name: &str) -> Option<String> {
-    std::env::var(name).ok().filter(|v| !v.is_empty())
-}
-
-fn first_env(env: &dyn Fn(&str) -> Option<String>, names: &[&str]) -> Option<String> {
-    names.iter().find_map(|n| env(n))
-}
-
-fn read_secret_file(path: &Path, what: &str) -> Result<SecretString, VaultError> {
-    let text = std::fs::read_to_string(path).map_err(|e| {
-        VaultError::Config(format!("cannot read {what} file {}: {e}", path.display()))
-    })?;
-    let trimmed = text.trim();
-    if trimmed.is_empty() {
-        return Err(VaultError::Config(format!(
-            "{what} file {} is empty",
-            path.display()
-        )));
-    }
-    Ok(SecretString::from(trimmed.to_string()))
-}
-
-/// True for `localhost`, 127.0.0.0/8 and ::1: plain HTTP there never leaves the machine.
-pub fn is_loopback(url: &Url) -> bool {
-    match url.host() {
-        Some(url::Host::Domain(d)) => d.eq_ignore_ascii_case("localhost"),
-        Some(url::Host::Ipv4(ip)) => IpAddr::V4(ip).is_loopback(),
-        Some(url::Host::Ipv6(ip)) => IpAddr::V6(ip).is_loopback(),
-        None => false,
-    }
-}
-
-impl ClientConfig {
-    /// Resolves flags, environment and the `[vault]` section into a connectable config.
-    pub fn resolve(
-        file: &VaultSettings,
-        env: &dyn Fn(&str) -> Option<String>,
-        flags: &ClientOverrides,
-    ) -> Result<Self, VaultError> {
-        let addr = flags
-            .address
-            .clone()
-            .or_else(|| first_env(env, &["VAULT_ADDR", "BAO_ADDR"]))
-            .or_else(|| file.address.clone())
-            .ok_or_else(|| {
-                VaultError::Config(
-                    "no Vault address: set VAULT_ADDR (or BAO_ADDR), --vault-addr, or [vault] address".into(),
-                )
-            })?;
-        let address = Url::parse(&addr)
-            .map_err(|e| VaultError::Config(format!("Vault address {addr:?} is not a URL: {e}")))?;
-        match address.scheme() {
-            "https" => {}
-            "http" => {
-                let allowed = flags.allow_insecure_http
-                    || file.allow_insecure_http
-                    || first_env(env, &["KEYROLL_ALLOW_INSECURE_HTTP"]).is_some_and(|v| v == "1" || v == "true");
-                if !is_loopback(&address) && !allowed {
-                    return Err(VaultError::Config(format!(
-                        "refusing plain http:// to non-loopback Vault {address}: tokens and keys would cross \
-                         the network unencrypted; use https, or set allow_insecure_http = true in [vault] \
-                         (or KEYROLL_ALLOW_INSECURE_HTTP=1) if you really mean it"
-                    )));
-                }
-            }
-            other => {
-                return Err(VaultError::Config(format!(
-                    "Vault address {addr:?} has scheme {other:?}; use https:// (or http:// on loopback)"
-                )))
-            }
-        }
-        let namespace = flags
-            .namespace
-            .clone()
-            .or_else(|| first_env(env, &["VAULT_NAMESPACE", "BAO_NAMESPACE"]))
-            .or_else(|| file.namespace.clone());
-        let ca_cert = flags
-            .ca_cert
-            .clone()
-            .or_else(|| first_env(env, &["VAULT_CACERT", "BAO_CACERT"]).map(PathBuf::from))
-            .or_else(|| file.ca_cert.clone());
-        let timeout = file
-            .timeout
-            .map(|s| s.std())
-            .unwrap_or(Duration::from_secs(DEFAULT_VAULT_TIMEOUT_SECS));
-
-        let auth = if let Some(t) = first_env(env, &["VAULT_TOKEN", "BAO_TOKEN"]) {
-            AuthMethod::Token(SecretString::from(t))
-        } else if let Some(p) = first_env(env, &["KEYROLL_TOKEN_FILE"])
-            .map(PathBuf::from)
-            .or_else(|| file.token_file.clone())
-        {
-            AuthMethod::TokenFile(p)
-        } else if let Some(a) = &file.approle {
-            let role_id = match (&a.role_id_file, first_env(env, &["KEYROLL_ROLE_ID"])) {
-                (_, Some(v)) => SecretString::from(v),
-                (Some(p), None) => read_secret_file(p, "AppRole role_id")?,
-                (None, None) => {
-                    return Err(VaultError::Config(
-                        "AppRole needs role_id_file in [vault.approle] or KEYROLL_ROLE_ID".into(),
-                    ))
-                }
-            };
-            let secret_id = match (&a.secret_id_file, first_env(env, &["KEYROLL_SECRET_ID"])) {
-                (_, Some(v)) => SecretString::from(v),
-                (Some(p), None) => read_secret_file(p, "AppRole secret_id")?,
-                (None, None) => {
-                    return Err(VaultError::Config(
-                        "AppRole needs secret_id_file in [vault.approle] or KEYROLL_SECRET_ID"
-                            .into(),
-                    ))
-                }
-            };
-            AuthMethod::AppRole {
-                mount: a.mount.clone(),
-                role_id,
-                secret_id,
-            }
-        } else if let (Some(r), Some(s)) = (
-            first_env(env, &["KEYROLL_ROLE_ID"]),
-            first_env(env, &["KEYROLL_SECRET_ID"]),
-        ) {
-            AuthMethod::AppRole {
-                mount: "approle".into(),
-                role_id: SecretString::from(r),
-                secret_id: SecretString::from(s),
-            }
-        } else {
-            return Err(VaultError::Config(
-                "no Vault credentials: set VAULT_TOKEN (or BAO_TOKEN), KEYROLL_TOKEN_FILE, [vault] token_file, \
-                 or [vault.approle]"
-                    .into(),
-            ));
-        };
-        Ok(ClientConfig {
-            address,
-            namespace,
-            ca_cert,
-            timeout,
-            auth,
-        })
-    }
-}
-
-/// What the token told us about itself at login or renewal.
-#[derive(Debug, Clone, Copy)]
-struct TokenLease {
-    ttl: Duration,
-    renewable: bool,
-}
-
-struct Inner {
-    http: reqwest::Client,
-    base: Url,
-    namespace: Option<String>,
-    timeout: Duration,
-    auth: AuthMethod,
-    token: RwLock<SecretString>,
-    ca_cert: Option<PathBuf>,
+/// Shared state behind every clone of a [`Vault`].
+pub(crate) struct Inner {
+    pub(crate) transport: Transport,
+    /// The configured addresses, in order.
+    pub(crate) nodes: Vec<Url>,
+    /// Index into `nodes` of the node requests go to.
+    pub(crate) current: AtomicUsize,
+    pub(crate) namespace: Option<String>,
+    pub(crate) auth: AuthMethod,
+    pub(crate) tokens: Tokens,
+    pub(crate) clock: Clock,
 }
 
 /// A connected, authenticated Vault client. Cheap to clone; all clones share one token.
 #[derive(Clone)]
 pub struct Vault {
-    inner: Arc<Inner>,
+    pub(crate) inner: Arc<Inner>,
 }
 
 impl std::fmt::Debug for Vault {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Vault")
-            .field("address", &self.inner.base.as_str())
+            .field("address", &self.address())
             .field("namespace", &self.inner.namespace)
             .field("auth", &self.inner.auth)
             .finish_non_exhaustive()
     }
 }
 
-/// Installs rustls's `ring` provider once per process (reqwest is built without a default one
-/// to avoid compiling aws-lc).
-fn install_crypto_provider() {
-    let _ = rustls::crypto::ring::default_provider().install_default();
+/// Whether a request should carry the token (logins must not: there is none yet).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Credential {
+    Token,
+    None,
 }
 
-fn vaultrs_client(
-    base: &Url,
-    namespace: &Option<String>,
-    ca_cert: &Option<PathBuf>,
-    timeout: Duration,
-    token: &str,
-) -> Result<vaultrs::client::VaultClient, VaultError> {
-    install_crypto_provider();
-    let mut ca_certs = Vec::new();
-    if let Some(p) = ca_cert {
-        if !p.is_file() {
-            return Err(VaultError::Config(format!(
-                "CA certificate {} does not exist",
-                p.display()
-            )));
-        }
-        ca_certs.push(p.display().to_string());
-    }
-    let settings = vaultrs::client::VaultClientSettingsBuilder::default()
-        .address(base.as_str())
-        .token(token)
-        .namespace(namespace.clone())
-        .ca_certs(ca_certs)
-        .timeout(Some(timeout))
-        .verify(true)
-        .build()
-        .map_err(|e| VaultError::Config(format!("building the Vault client: {e}")))?;
-    vaultrs::client::VaultClient::new(settings)
-        .map_err(|e| VaultError::Config(format!("building the Vault client: {e}")))
+/// What to do after one attempt.
+enum Next {
+    /// The answer stands (success, or an error that retrying cannot fix).
+    Done(Answer),
+    /// Failed; `resend` says whether sending it again is allowed at all.
+    Failed {
+        outcome: Result<Answer, VaultError>,
+        resend: bool,
+    },
 }
 
 impl Vault {
-    /// Builds the HTTP client and logs in (token, token file, or AppRole).
+    /// Builds the HTTP client, checks Vault answers (unreachable and sealed are clearer than a
+    /// failed login), and logs in (token, token file, or AppRole).
     pub async fn connect(cfg: ClientConfig) -> Result<Self, VaultError> {
-        let vc = vaultrs_client(&cfg.address, &cfg.namespace, &cfg.ca_cert, cfg.timeout, "")?;
-        let http = vc.http.http.clone();
+        let nodes = vec![cfg.address];
+        let tls_needed = nodes.iter().any(|u| u.scheme() == "https");
+        if let Some(p) = &cfg.ca_cert {
+            if !p.is_file() {
+                return Err(VaultError::Config(format!(
+                    "CA certificate {} does not exist",
+                    p.display()
+                )));
+            }
+        }
+        let transport = Transport::new(cfg.ca_cert.as_deref(), cfg.timeout, tls_needed)?;
         let vault = Vault {
             inner: Arc::new(Inner {
-                http,
-                base: cfg.address,
+                transport,
+                nodes,
+                current: AtomicUsize::new(0),
                 namespace: cfg.namespace,
-                timeout: cfg.timeout,
                 auth: cfg.auth,
-                token: RwLock::new(SecretString::from(String::new())),
-                ca_cert: cfg.ca_cert,
+                tokens: Tokens::new(),
+                clock: Clock::new(cfg.max_clock_skew),
             }),
         };
-        // Unauthenticated first: "unreachable" and "sealed" are clearer than a failed login.
         vault.health().await?;
         vault.login().await?;
         Ok(vault)
     }
 
+    /// The address requests currently go to.
     pub fn address(&self) -> &str {
-        self.inner.base.as_str()
+        self.inner.nodes[self.node()].as_str()
     }
 
-    fn token(&self) -> SecretString {
+    pub(crate) fn node(&self) -> usize {
+        self.inner.current.load(Ordering::Relaxed) % self.inner.nodes.len()
+    }
+
+    /// The last measured difference between the local clock and Vault's (`None` before the
+    /// first answer, or if Vault sends no `Date`). Positive: the local clock is ahead.
+    pub fn clock_skew(&self) -> Option<ClockSkew> {
+        self.inner.clock.last()
+    }
+
+    /// Compares the clocks (measuring afresh if the last measurement is older than
+    /// [`CLOCK_RECHECK`]) and fails with [`VaultError::ClockSkew`] beyond `max_clock_skew`.
+    /// Writes check this by themselves; call it at the start of a pass to fail early and once.
+    pub async fn check_clock(&self) -> Result<Option<ClockSkew>, VaultError> {
+        let stale = self.clock_skew().is_none_or(|m| {
+            jiff::Timestamp::now().duration_since(m.at).unsigned_abs() > CLOCK_RECHECK
+        });
+        if stale {
+            self.health().await?;
+        }
         self.inner
-            .token
-            .read()
-            .map(|t| t.clone())
-            .unwrap_or_else(|p| p.into_inner().clone())
+            .clock
+            .check(&origin(&self.inner.nodes[self.node()]))
     }
 
-    fn set_token(&self, t: SecretString) {
-        match self.inner.token.write() {
-            Ok(mut g) => *g = t,
-            Err(p) => *p.into_inner() = t,
+    fn observe(&self, a: &Answer) {
+        if let Some(m) = a
+            .date
+            .as_deref()
+            .and_then(|d| clock::measure(d, a.sent, a.rtt))
+        {
+            self.inner.clock.record(m);
         }
     }
 
-    fn vaultrs(&self, token: &str) -> Result<vaultrs::client::VaultClient, VaultError> {
-        let i = &self.inner;
-        vaultrs_client(&i.base, &i.namespace, &i.ca_cert, i.timeout, token)
-    }
-
-    /// Obtains a token by the configured method and returns its lease.
-    async fn login(&self) -> Result<TokenLease, VaultError> {
-        match &self.inner.auth {
-            AuthMethod::Token(t) => {
-                self.set_token(t.clone());
-                Ok(TokenLease {
-                    ttl: Duration::ZERO,
-                    renewable: false,
-                })
-            }
-            AuthMethod::TokenFile(p) => {
-                self.set_token(read_secret_file(p, "token")?);
-                Ok(TokenLease {
-                    ttl: Duration::ZERO,
-                    renewable: false,
-                })
-            }
-            AuthMethod::AppRole {
-                mount,
-                role_id,
-                secret_id,
-            } => {
-                let vc = self.vaultrs("")?;
-                let info = vaultrs::auth::approle::login(
-                    &vc,
-                    mount,
-                    role_id.expose_secret(),
-                    secret_id.expose_secret(),
-                )
-                .await
-                .map_err(|e| self.map_vaultrs(e, &format!("auth/{mount}/login")))
-                .map_err(|e| VaultError::Login(format!("AppRole login on auth/{mount}: {e}")))?;
-                self.set_token(SecretString::from(info.client_token));
-                Ok(TokenLease {
-                    ttl: Duration::from_secs(info.lease_duration),
-                    renewable: info.renewable,
-                })
-            }
-        }
-    }
-
-    /// Looks the token up (catches a bad token before any real work) and reports its lease.
-    async fn lookup_lease(&self) -> Result<TokenLease, VaultError> {
-        let v: Value = self
-            .read_data("auth/token/lookup-self")
-            .await?
-            .ok_or_else(|| VaultError::BadResponse {
-                path: "auth/token/lookup-self".into(),
-                reason: "no data".into(),
-            })?;
-        Ok(TokenLease {
-            ttl: Duration::from_secs(v.get("ttl").and_then(Value::as_u64).unwrap_or(0)),
-            renewable: v.get("renewable").and_then(Value::as_bool).unwrap_or(false),
-        })
-    }
-
-    /// Keeps the token alive for a long-running process: renews at 2/3 of its TTL and logs in
-    /// again (AppRole, token file) when renewal is refused or the token reached its max TTL.
-    /// Returns when `stop` fires. A token without a TTL (root, periodic with none) needs nothing.
-    pub async fn keep_token_alive(&self, mut stop: tokio::sync::watch::Receiver<bool>) {
-        let mut lease = match self.lookup_lease().await {
-            Ok(l) => l,
-            Err(e) => {
-                tracing::warn!(error = %e, "cannot look up token; renewal disabled");
-                return;
-            }
-        };
-        // The TTL a fresh login grants; a renewal that yields much less means the token is
-        // close to its max TTL, so log in again before it dies rather than after.
-        let mut full_ttl = lease.ttl;
-        loop {
-            if lease.ttl.is_zero() {
-                return;
-            }
-            let wait = lease
-                .ttl
-                .mul_f64(RENEW_AT_FRACTION)
-                .max(MIN_RENEW_INTERVAL.min(lease.ttl / 2));
-            tokio::select! {
-                _ = tokio::time::sleep(wait) => {}
-                _ = stop.changed() => return,
-            }
-            let renewed = if lease.renewable {
-                Some(self.renew().await)
-            } else {
-                None
-            };
-            lease = match renewed {
-                Some(Ok(l)) if l.ttl >= full_ttl / 2 => l,
-                other => {
-                    match other {
-                        Some(Err(e)) => {
-                            tracing::warn!(error = %e, "token renewal failed; logging in again")
-                        }
-                        Some(Ok(_)) => tracing::debug!("token near its max TTL; logging in again"),
-                        None => tracing::debug!("token not renewable; logging in again"),
-                    }
-                    match self.login().await {
-                        Ok(l) if !l.ttl.is_zero() => {
-                            full_ttl = l.ttl;
-                            l
-                        }
-                        // Static token or token file: ask Vault what is left, if anything.
-                        Ok(_) => match self.lookup_lease().await {
-                            Ok(l) if !l.ttl.is_zero() => l,
-                            _ => return,
-                        },
-                        Err(e) => {
-                            tracing::error!(error = %e, "Vault login failed; retrying");
-                            TokenLease {
-                                ttl: RELOGIN_RETRY * 2,
-                                renewable: false,
-                            }
-                        }
-                    }
-                }
-            };
-        }
-    }
-
-    async fn renew(&self) -> Result<TokenLease, VaultError> {
-        let vc = self.vaultrs(self.token().expose_secret())?;
-        let info = vaultrs::token::renew_self(&vc, None)
-            .await
-            .map_err(|e| self.map_vaultrs(e, "auth/token/renew-self"))?;
-        tracing::debug!(ttl = info.lease_duration, "token renewed");
-        Ok(TokenLease {
-            ttl: Duration::from_secs(info.lease_duration),
-            renewable: info.renewable,
-        })
-    }
-
-    /// Checks the token works at all; a clear error now beats a confusing one mid-run.
-    pub async fn verify_token(&self) -> Result<(), VaultError> {
-        self.lookup_lease().await.map(|l| {
-            tracing::debug!(ttl = l.ttl.as_secs(), renewable = l.renewable, "token ok");
-        })
-    }
-
-    fn map_vaultrs(&self, e: vaultrs::error::ClientError, path: &str) -> VaultError {
-        use vaultrs::error::ClientError as C;
-        match e {
-            C::APIError { code, errors } => self.status_error(code, "POST", path, &errors),
-            C::RestClientError { source } => VaultError::Unreachable {
-                addr: self.address().to_string(),
-                reason: source.to_string(),
-            },
-            other => VaultError::BadResponse {
-                path: path.to_string(),
-                reason: other.to_string(),
-            },
-        }
-    }
-
-    fn status_error(&self, status: u16, method: &str, path: &str, errors: &[String]) -> VaultError {
-        let message = clean_message(errors);
-        match status {
-            403 => VaultError::PermissionDenied {
-                path: path.to_string(),
-                message,
-            },
-            404 => VaultError::NotFound {
-                path: path.to_string(),
-                message,
-            },
-            503 if message.contains("sealed") => VaultError::Sealed {
-                addr: self.address().to_string(),
-            },
-            _ => VaultError::Api {
-                status,
-                method: method.to_string(),
-                path: path.to_string(),
-                message: if message.is_empty() {
-                    "(no error text)".into()
-                } else {
-                    message
-                },
-            },
-        }
-    }
-
-    fn headers(&self) -> HeaderMap {
+    fn headers(&self, credential: Credential) -> HeaderMap {
         let mut h = HeaderMap::new();
-        if let Ok(mut v) = HeaderValue::from_str(self.token().expose_secret()) {
-            v.set_sensitive(true);
-            h.insert("X-Vault-Token", v);
+        if credential == Credential::Token {
+            let token = self.inner.tokens.get();
+            if !token.expose_secret().is_empty() {
+                if let Ok(mut v) = HeaderValue::from_str(token.expose_secret()) {
+                    v.set_sensitive(true);
+                    h.insert("X-Vault-Token", v);
+                }
+            }
         }
         if let Some(ns) = &self.inner.namespace {
             if let Ok(v) = HeaderValue::from_str(ns) {
@@ -528,65 +186,169 @@ impl Vault {
         h
     }
 
+    /// Sends `method path` until an answer stands, following the retry and redirect rules in
+    /// the module header. Transport failures and refused redirects are errors; any HTTP answer
+    /// that stands (2xx or not) is returned for [`decode`].
+    pub(crate) async fn call(
+        &self,
+        method: &Method,
+        path: &str,
+        body: Option<&Value>,
+        credential: Credential,
+    ) -> Result<Answer, VaultError> {
+        let nodes = &self.inner.nodes;
+        let read = !is_write(method);
+        let mut backoff = Backoff::new(RETRY_BACKOFF_INITIAL, RETRY_BACKOFF_MAX);
+        let mut node = self.node();
+        let (mut attempts, mut redirects) = (0u32, 0u32);
+        loop {
+            attempts += 1;
+            let url = nodes[node]
+                .join(&format!("v1/{path}"))
+                .map_err(|e| VaultError::Config(format!("bad path {path:?}: {e}")))?;
+            let addr = origin(&nodes[node]);
+            tracing::trace!(method = %method, path, node = %addr, "vault request");
+            let sent = self
+                .inner
+                .transport
+                .send(url, method, self.headers(credential), body)
+                .await;
+            let next = match sent {
+                Ok(a) => {
+                    self.observe(&a);
+                    match a.status {
+                        300..=399 if a.location.is_some() => {
+                            let loc = a.location.as_deref().unwrap_or_default();
+                            match redirect_target(nodes, &nodes[node], loc) {
+                                Ok(to) if redirects < MAX_REDIRECTS => {
+                                    redirects += 1;
+                                    attempts -= 1;
+                                    tracing::debug!(path, from = %addr, to = %origin(&nodes[to]), "following Vault's redirect to a configured address");
+                                    node = to;
+                                    continue;
+                                }
+                                Ok(_) => {
+                                    return Err(VaultError::Redirect {
+                                        addr,
+                                        path: path.to_string(),
+                                        target: redirect_shown(&nodes[node], loc),
+                                        reason: format!("more than {MAX_REDIRECTS} redirects"),
+                                    })
+                                }
+                                Err(reason) => {
+                                    return Err(VaultError::Redirect {
+                                        addr,
+                                        path: path.to_string(),
+                                        target: redirect_shown(&nodes[node], loc),
+                                        reason,
+                                    })
+                                }
+                            }
+                        }
+                        // A sealed lone node stays sealed for longer than a retry waits.
+                        503 if nodes.len() == 1 && a.message().contains("sealed") => Next::Done(a),
+                        // Not processed (sealed, standby, overloaded, rate-limited): safe anywhere.
+                        429 | 503 => Next::Failed {
+                            outcome: Ok(a),
+                            resend: true,
+                        },
+                        // Maybe processed: only a read may be sent again.
+                        500 | 502 | 504 => Next::Failed {
+                            outcome: Ok(a),
+                            resend: read,
+                        },
+                        _ => Next::Done(a),
+                    }
+                }
+                Err(e) => {
+                    let resend = match &e {
+                        super::http::SendError::Connect(_) => true,
+                        super::http::SendError::Lost(_) => read,
+                        // The same node again would most likely stall again.
+                        super::http::SendError::Timeout => read && nodes.len() > 1,
+                    };
+                    Next::Failed {
+                        outcome: Err(send_error(
+                            &addr,
+                            method,
+                            path,
+                            self.inner.transport.timeout(),
+                            e,
+                        )),
+                        resend,
+                    }
+                }
+            };
+            match next {
+                Next::Done(a) => {
+                    self.inner.current.store(node, Ordering::Relaxed);
+                    return Ok(a);
+                }
+                Next::Failed { outcome, resend } => {
+                    if !resend || attempts >= SINGLE_NODE_ATTEMPTS {
+                        return outcome;
+                    }
+                    let wait = backoff.next();
+                    tracing::debug!(
+                        method = %method,
+                        path,
+                        node = %addr,
+                        attempt = attempts,
+                        retry_in_ms = wait.as_millis() as u64,
+                        what = %describe(&outcome),
+                        "Vault request failed; retrying"
+                    );
+                    tokio::time::sleep(wait).await;
+                }
+            }
+        }
+    }
+
+    /// One request with the rules of [`Vault::call`], its answer decoded, without the fresh
+    /// login on 403 (token upkeep uses this, so it never recurses).
+    pub(crate) async fn request_once(
+        &self,
+        method: &Method,
+        path: &str,
+        body: Option<&Value>,
+        credential: Credential,
+    ) -> Result<Option<Value>, VaultError> {
+        let a = self.call(method, path, body, credential).await?;
+        decode(&origin(&self.inner.nodes[self.node()]), method, path, a)
+    }
+
     /// One HTTP request to `/v1/<path>`. Returns the JSON body (None for 204). The body is never
-    /// logged: export responses carry key material.
+    /// logged: export responses carry key material. Writes are refused while the local clock is
+    /// beyond `max_clock_skew` from Vault's; a token Vault no longer accepts is replaced by one
+    /// fresh login (AppRole, token file) and the request sent once more.
     pub async fn request(
         &self,
         method: Method,
         path: &str,
         body: Option<&Value>,
     ) -> Result<Option<Value>, VaultError> {
-        let url = self
-            .inner
-            .base
-            .join(&format!("v1/{path}"))
-            .map_err(|e| VaultError::Config(format!("bad path {path:?}: {e}")))?;
-        let mut req = self
-            .inner
-            .http
-            .request(method.clone(), url)
-            .headers(self.headers())
-            .timeout(self.inner.timeout);
-        if let Some(b) = body {
-            req = req.json(b);
+        if is_write(&method) && !path.starts_with("auth/") {
+            self.inner
+                .clock
+                .check(&origin(&self.inner.nodes[self.node()]))?;
         }
-        tracing::trace!(method = %method, path, "vault request");
-        let resp = req.send().await.map_err(|e| {
-            if e.is_timeout() {
-                VaultError::Timeout {
-                    method: method.to_string(),
-                    path: path.to_string(),
-                    secs: self.inner.timeout.as_secs(),
-                }
-            } else {
-                VaultError::Unreachable {
-                    addr: self.address().to_string(),
-                    reason: error_chain(&e),
+        let mut replaced = false;
+        loop {
+            let generation = self.inner.tokens.generation();
+            let r = self
+                .request_once(&method, path, body, Credential::Token)
+                .await;
+            if matches!(r, Err(VaultError::PermissionDenied { .. }))
+                && !replaced
+                && self.inner.auth.can_log_in_again()
+            {
+                replaced = true;
+                if self.replace_refused_token(generation).await {
+                    continue;
                 }
             }
-        })?;
-        let status = resp.status().as_u16();
-        let bytes = resp.bytes().await.map_err(|e| VaultError::Unreachable {
-            addr: self.address().to_string(),
-            reason: error_chain(&e),
-        })?;
-        if (200..300).contains(&status) {
-            if bytes.is_empty() || status == 204 {
-                return Ok(None);
-            }
-            return serde_json::from_slice(&bytes)
-                .map(Some)
-                .map_err(|_| VaultError::BadResponse {
-                    path: path.to_string(),
-                    reason: format!("status {status} with a body that is not JSON"),
-                });
+            return r;
         }
-        let errors: Vec<String> = serde_json::from_slice::<Value>(&bytes)
-            .ok()
-            .and_then(|v| v.get("errors").cloned())
-            .and_then(|e| serde_json::from_value(e).ok())
-            .unwrap_or_default();
-        Err(self.status_error(status, method.as_str(), path, &errors))
     }
 
     /// GET `path` and deserialize its `data` field; `Ok(None)` on 404.
@@ -610,115 +372,81 @@ impl Vault {
         }
     }
 
-    /// `sys/health` without a token: tells unreachable, sealed and standby apart.
+    /// `sys/health` without a token: tells unreachable, sealed and uninitialised apart (one
+    /// attempt; it is the first thing a caller does, and it says why Vault cannot be used).
     pub async fn health(&self) -> Result<Value, VaultError> {
-        let url = self
-            .inner
-            .base
+        let node = self.node();
+        let base = &self.inner.nodes[node];
+        let addr = origin(base);
+        let url = base
             .join("v1/sys/health?standbyok=true&perfstandbyok=true")
             .map_err(|e| VaultError::Config(e.to_string()))?;
-        let resp = self
+        let a = self
             .inner
-            .http
-            .get(url)
-            .timeout(self.inner.timeout)
-            .send()
+            .transport
+            .send(url, &Method::GET, self.headers(Credential::None), None)
             .await
-            .map_err(|e| VaultError::Unreachable {
-                addr: self.address().to_string(),
-                reason: error_chain(&e),
+            .map_err(|e| {
+                send_error(
+                    &addr,
+                    &Method::GET,
+                    "sys/health",
+                    self.inner.transport.timeout(),
+                    e,
+                )
             })?;
-        let v: Value = resp.json().await.unwrap_or(Value::Null);
+        self.observe(&a);
+        let v: Value = serde_json::from_slice(&a.body).unwrap_or(Value::Null);
         if v.get("sealed").and_then(Value::as_bool) == Some(true) {
-            return Err(VaultError::Sealed {
-                addr: self.address().to_string(),
-            });
+            return Err(VaultError::Sealed { addr });
         }
         if v.get("initialized").and_then(Value::as_bool) == Some(false) {
             return Err(VaultError::Unreachable {
-                addr: self.address().to_string(),
+                addr,
                 reason: "Vault is not initialized".into(),
+            });
+        }
+        if v.is_null() {
+            return Err(VaultError::BadResponse {
+                path: "sys/health".into(),
+                reason: format!("status {} without a health document", a.status),
             });
         }
         Ok(v)
     }
 }
 
-#[cfg(test)]
-mod tests {
-    use super::*;
+/// One line saying how an attempt failed, for the retry log.
+fn describe(o: &Result<Answer, VaultError>) -> String {
+    match o {
+        Ok(a) => format!("status {}", a.status),
+        Err(e) => e.to_string(),
+    }
+}
 
-    fn env_of(pairs: &'static [(&'static str, &'static str)]) -> impl Fn(&str) -> Option<String> {
-        move |k| {
-            pairs
-                .iter()
-                .find(|(n, _)| *n == k)
-                .map(|(_, v)| v.to_string())
+/// A standing answer as JSON (2xx) or as the error its status means.
+pub(crate) fn decode(
+    addr: &str,
+    method: &Method,
+    path: &str,
+    a: Answer,
+) -> Result<Option<Value>, VaultError> {
+    if (200..300).contains(&a.status) {
+        if a.body.is_empty() || a.status == 204 {
+            return Ok(None);
         }
+        return serde_json::from_slice(&a.body)
+            .map(Some)
+            .map_err(|_| VaultError::BadResponse {
+                path: path.to_string(),
+                reason: format!("status {} with a body that is not JSON", a.status),
+            });
     }
-
-    #[test]
-    fn env_beats_file_and_flags_beat_env() {
-        let file = VaultSettings {
-            address: Some("https://file:8200".into()),
-            ..Default::default()
-        };
-        let env = env_of(&[("BAO_ADDR", "https://env:8200"), ("BAO_TOKEN", "t")]);
-        let c = ClientConfig::resolve(&file, &env, &ClientOverrides::default()).unwrap();
-        assert_eq!(c.address.as_str(), "https://env:8200/");
-        let flags = ClientOverrides {
-            address: Some("https://flag:8200".into()),
-            ..Default::default()
-        };
-        let c = ClientConfig::resolve(&file, &env, &flags).unwrap();
-        assert_eq!(c.address.as_str(), "https://flag:8200/");
-        assert!(matches!(c.auth, AuthMethod::Token(_)));
-    }
-
-    #[test]
-    fn plain_http_to_a_remote_vault_is_refused_unless_allowed() {
-        let env = env_of(&[
-            ("VAULT_ADDR", "http://vault.example.com:8200"),
-            ("VAULT_TOKEN", "t"),
-        ]);
-        let e = ClientConfig::resolve(&VaultSettings::default(), &env, &ClientOverrides::default())
-            .unwrap_err()
-            .to_string();
-        assert!(e.contains("refusing plain http://"), "{e}");
-        let flags = ClientOverrides {
-            allow_insecure_http: true,
-            ..Default::default()
-        };
-        assert!(ClientConfig::resolve(&VaultSettings::default(), &env, &flags).is_ok());
-        let env = env_of(&[
-            ("VAULT_ADDR", "http://127.0.0.1:8200"),
-            ("VAULT_TOKEN", "t"),
-        ]);
-        assert!(ClientConfig::resolve(
-            &VaultSettings::default(),
-            &env,
-            &ClientOverrides::default()
-        )
-        .is_ok());
-    }
-
-    #[test]
-    fn missing_credentials_say_what_to_set() {
-        let env = env_of(&[("VAULT_ADDR", "https://v:8200")]);
-        let e = ClientConfig::resolve(&VaultSettings::default(), &env, &ClientOverrides::default())
-            .unwrap_err()
-            .to_string();
-        assert!(e.contains("VAULT_TOKEN"), "{e}");
-    }
-
-    #[test]
-    fn debug_never_shows_the_token() {
-        let env = env_of(&[
-            ("VAULT_ADDR", "https://v:8200"),
-            ("VAULT_TOKEN", "s.supersecret"),
-        ]);
-        let c = ClientConfig::resolve(&VaultSettings::default(), &env, &ClientOverrides::default())
-            .unwrap();
-        assert!(!format!("{c:?}").contains("supersecret"));
-    }
+    Err(status_error(
+        addr,
+        a.status,
+        method.as_str(),
+        path,
+        a.message(),
+    ))
 }

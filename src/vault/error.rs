@@ -35,20 +35,65 @@ pub enum VaultError {
     Config(String),
     #[error("Vault login failed: {0}")]
     Login(String),
+    /// The request went out but its answer was lost (connection reset, closed mid-answer): a
+    /// write may or may not have been applied.
+    #[error("Vault at {addr}: {method} {path} lost its connection before the answer: {reason}")]
+    ConnectionLost {
+        addr: String,
+        method: String,
+        path: String,
+        reason: String,
+    },
+    /// Vault answered with a redirect keyroll will not follow: the target is not one of the
+    /// configured Vault addresses (or would downgrade https to http). The token is never sent
+    /// there.
+    #[error(
+        "Vault at {addr} redirected {path} to {target}, which keyroll does not follow: {reason}; \
+         the token is only ever sent to the configured Vault address(es)"
+    )]
+    Redirect {
+        addr: String,
+        path: String,
+        target: String,
+        reason: String,
+    },
+    /// The local clock and Vault's disagree by more than `[vault] max_clock_skew`: schedules
+    /// computed here would rotate, retire or trim at the wrong time, so nothing is changed.
+    #[error(
+        "the local clock is {skew} {direction} Vault's (Date header from {addr}); max_clock_skew \
+         is {max}: fix time synchronisation (NTP) on this host or on Vault before keyroll changes \
+         anything"
+    )]
+    ClockSkew {
+        addr: String,
+        /// Magnitude, human-readable (`10m 0s`).
+        skew: String,
+        /// "ahead of" or "behind".
+        direction: &'static str,
+        max: String,
+    },
 }
 
 impl VaultError {
     /// A 5xx (or a timeout): the write may or may not have happened, so re-read before deciding.
     pub fn is_ambiguous(&self) -> bool {
-        matches!(self, VaultError::Timeout { .. })
-            || matches!(self, VaultError::Api { status, .. } if *status >= 500)
+        matches!(
+            self,
+            VaultError::Timeout { .. } | VaultError::ConnectionLost { .. }
+        ) || matches!(self, VaultError::Api { status, .. } if *status >= 500)
     }
 
-    /// Vault itself cannot be used right now (network, seal): nothing keyroll did is at fault.
+    /// Vault itself cannot be used right now (network, seal, no node that will serve us):
+    /// nothing keyroll did is at fault. A refused redirect counts: the configured node sent us
+    /// elsewhere (typically a standby pointing at a leader), so it cannot serve the request.
     pub fn is_unavailable(&self) -> bool {
         matches!(
             self,
-            VaultError::Unreachable { .. } | VaultError::Sealed { .. } | VaultError::Timeout { .. }
+            VaultError::Unreachable { .. }
+                | VaultError::Sealed { .. }
+                | VaultError::Timeout { .. }
+                | VaultError::ConnectionLost { .. }
+                | VaultError::Redirect { .. }
         )
     }
 }

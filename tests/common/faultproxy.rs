@@ -32,6 +32,9 @@ pub enum Fault {
     Sealed,
     /// Answer `status` (301/302/307/308) with `Location: <to>` + the request's path and query.
     Redirect(u16, String),
+    /// Forward, then replace the answer's `Date` header with the proxy's own clock shifted by
+    /// this many seconds (negative: Vault's clock looks behind, i.e. ours looks fast).
+    ShiftDate(i64),
 }
 
 /// A rule: requests whose method matches (any when `None`) and whose path (with query) contains
@@ -242,6 +245,34 @@ fn answer(status: u16, extra: &str, body: &str) -> Vec<u8> {
     .into_bytes()
 }
 
+/// `resp` with its `Date` header (added if missing) set to now + `shift` seconds.
+fn with_date(resp: &[u8], shift: i64) -> Vec<u8> {
+    let split = resp
+        .windows(4)
+        .position(|w| w == b"\r\n\r\n")
+        .unwrap_or(resp.len());
+    let head = String::from_utf8_lossy(&resp[..split]);
+    let when = jiff::Timestamp::now() + jiff::SignedDuration::from_secs(shift);
+    let date = jiff::fmt::rfc2822::DateTimePrinter::new()
+        .timestamp_to_rfc9110_string(&when)
+        .expect("date in range");
+    let mut out = String::new();
+    for (i, line) in head.split("\r\n").enumerate() {
+        if i > 0 && line.to_ascii_lowercase().starts_with("date:") {
+            continue;
+        }
+        out.push_str(line);
+        out.push_str("\r\n");
+        if i == 0 {
+            out.push_str(&format!("Date: {date}\r\n"));
+        }
+    }
+    let mut bytes = out.into_bytes();
+    bytes.truncate(bytes.len() - 2);
+    bytes.extend_from_slice(&resp[split..]);
+    bytes
+}
+
 fn errors_body(message: &str) -> String {
     serde_json::json!({ "errors": [message] }).to_string()
 }
@@ -306,6 +337,14 @@ fn handle(mut conn: TcpStream, up: &str, state: &Mutex<State>, stop: &AtomicBool
             let _ = conn.write_all(&answer(s, &loc, ""));
             s
         }
+        Some(Fault::ShiftDate(secs)) => match forward(up, &req) {
+            Some(resp) => {
+                forwarded = true;
+                let _ = conn.write_all(&with_date(&resp, secs));
+                status_of(&resp)
+            }
+            None => 0,
+        },
         Some(Fault::Drop) => 0,
         Some(Fault::ResetMidResponse) => {
             if let Some(resp) = forward(up, &req) {

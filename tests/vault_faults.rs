@@ -1,0 +1,290 @@
+//! A real OpenBao behind a fault-injecting proxy: a Vault that stalls, resets connections,
+//! answers 500 or 503 (sealed), or denies. Every request ends within its configured timeout, the
+//! exit codes are the README's (69 unreachable/sealed/timeout, 77 denied, 1 other failures;
+//! the sidecar's `--once` counts 5xx as unavailable), and for both binaries. Also: the local
+//! clock is compared with Vault's (`Date`), and a large skew stops changes before they happen.
+
+mod common;
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use common::faultproxy::{Fault, FaultProxy};
+use common::sidecar::{create_key, workdir};
+use common::{unique, Bao};
+
+/// `[vault] timeout` in every config here: short, so a stall costs seconds.
+const TIMEOUT_SECS: u64 = 2;
+/// Longest any single command may take here: a few timeouts and retries, far below "forever".
+const COMMAND_LIMIT: Duration = Duration::from_secs(45);
+
+struct Outcome {
+    code: i32,
+    stderr: String,
+    took: Duration,
+}
+
+/// Runs `cmd`, killing it (and failing the test) if it outlives [`COMMAND_LIMIT`].
+fn run_bounded(cmd: &mut Command) -> Outcome {
+    let dir = tempfile::tempdir().unwrap();
+    let err_path = dir.path().join("stderr");
+    let started = Instant::now();
+    let mut child = cmd
+        .stdout(Stdio::null())
+        .stderr(std::fs::File::create(&err_path).unwrap())
+        .spawn()
+        .unwrap();
+    let status = loop {
+        if let Some(s) = child.try_wait().unwrap() {
+            break s;
+        }
+        if started.elapsed() > COMMAND_LIMIT {
+            let _ = child.kill();
+            let _ = child.wait();
+            panic!(
+                "{cmd:?} still running after {COMMAND_LIMIT:?}: {}",
+                std::fs::read_to_string(&err_path).unwrap_or_default()
+            );
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    Outcome {
+        code: status.code().unwrap_or(-1),
+        stderr: std::fs::read_to_string(&err_path).unwrap(),
+        took: started.elapsed(),
+    }
+}
+
+/// A key that exists (sidecar, status) and one policy that manages it.
+struct Setup {
+    name: String,
+    _dir: tempfile::TempDir,
+    policy: PathBuf,
+    sidecar_config: PathBuf,
+    out: PathBuf,
+}
+
+fn setup(bao: &Bao) -> Setup {
+    let name = unique("fault");
+    create_key(bao, &name, "aes256-gcm96");
+    let dir = workdir();
+    let policy = dir.path().join("policy.toml");
+    std::fs::write(
+        &policy,
+        format!(
+            "[vault]\ntimeout = \"{TIMEOUT_SECS}s\"\n[[keys]]\nname = \"{name}\"\ntype = \"aes256-gcm96\"\nexportable = true\nrotate_every = \"30d\"\n"
+        ),
+    )
+    .unwrap();
+    let out = dir.path().join("out");
+    let sidecar_config = dir.path().join("sidecar.toml");
+    std::fs::write(
+        &sidecar_config,
+        format!(
+            "output_dir = \"{}\"\n[vault]\ntimeout = \"{TIMEOUT_SECS}s\"\n[[keys]]\nname = \"{name}\"\nformat = \"keyring-json\"\n",
+            out.display()
+        ),
+    )
+    .unwrap();
+    Setup {
+        name,
+        _dir: dir,
+        policy,
+        sidecar_config,
+        out,
+    }
+}
+
+fn keyroll(bao: &Bao, addr: &str, policy: &Path, args: &[&str]) -> Outcome {
+    run_bounded(
+        bao.keyroll("keyroll")
+            .env("VAULT_ADDR", addr)
+            .arg("-c")
+            .arg(policy)
+            .args(args),
+    )
+}
+
+fn sidecar_once(bao: &Bao, addr: &str, config: &Path) -> Outcome {
+    run_bounded(
+        bao.keyroll("keyroll-sidecar")
+            .env("VAULT_ADDR", addr)
+            .arg("-c")
+            .arg(config)
+            .arg("--once"),
+    )
+}
+
+/// `apply`, `status` and `sidecar --once` through a proxy with `fault` on every request whose
+/// path contains `path`; asserts each exit code and that none took longer than `per_request`
+/// times the requests the proxy saw stall (plus start-up slack).
+fn three_commands(bao: &Bao, path: &str, fault: Fault, want: [i32; 3], what: &str) {
+    let s = setup(bao);
+    for (i, label) in ["apply", "status", "sidecar --once"].iter().enumerate() {
+        let proxy = FaultProxy::start(&bao.addr);
+        proxy.on(path, fault.clone(), None);
+        let o = match i {
+            0 => keyroll(bao, &proxy.addr, &s.policy, &["apply"]),
+            1 => keyroll(bao, &proxy.addr, &s.policy, &["status"]),
+            _ => sidecar_once(bao, &proxy.addr, &s.sidecar_config),
+        };
+        assert_eq!(
+            o.code, want[i],
+            "{what}: {label} exited {} (want {})\n{}",
+            o.code, want[i], o.stderr
+        );
+        // Every request that got no answer cost at most one timeout (plus slack for start-up
+        // and backoff on a loaded machine): nothing waits forever.
+        let unanswered = proxy.seen().iter().filter(|r| r.status == 0).count() as u64;
+        let bound = Duration::from_secs(TIMEOUT_SECS * unanswered + 20);
+        assert!(
+            o.took <= bound,
+            "{what}: {label} took {:?} for {unanswered} unanswered requests\n{}",
+            o.took,
+            o.stderr
+        );
+        assert!(
+            proxy.count(None, path) > 0,
+            "{what}: {label} never hit the fault"
+        );
+    }
+    assert!(
+        !s.out.join(format!("{}.keyring.json", s.name)).exists(),
+        "{what}: the sidecar delivered from a faulty Vault"
+    );
+    assert_eq!(
+        bao.key("transit", &s.name)["latest_version"],
+        1,
+        "{what}: nothing may change"
+    );
+}
+
+#[test]
+fn a_vault_that_stalls_forever_times_out_with_exit_69() {
+    let bao = Bao::shared();
+    three_commands(bao, "/v1/transit/", Fault::Stall, [69, 69, 69], "stall");
+}
+
+#[test]
+fn a_vault_that_resets_every_answer_exits_69() {
+    let bao = Bao::shared();
+    three_commands(
+        bao,
+        "/v1/transit/",
+        Fault::ResetMidResponse,
+        [69, 69, 69],
+        "reset",
+    );
+}
+
+#[test]
+fn a_vault_that_answers_500_every_time_exits_1_and_the_sidecar_69() {
+    let bao = Bao::shared();
+    three_commands(
+        bao,
+        "/v1/transit/",
+        Fault::Status(500, "injected: internal error".into()),
+        [1, 1, 69],
+        "500",
+    );
+}
+
+#[test]
+fn a_sealed_vault_exits_69() {
+    let bao = Bao::shared();
+    three_commands(bao, "/v1/transit/", Fault::Sealed, [69, 69, 69], "sealed");
+}
+
+#[test]
+fn a_denied_request_exits_77() {
+    let bao = Bao::shared();
+    three_commands(
+        bao,
+        "/v1/transit/",
+        Fault::Status(403, "permission denied".into()),
+        [77, 77, 1],
+        "denied",
+    );
+}
+
+/// Reads are idempotent: a few transient failures (a reset, a 500) are retried with backoff and
+/// the command succeeds; the proxy shows each failure was hit.
+#[test]
+fn transient_read_failures_are_retried() {
+    let bao = Bao::shared();
+    let s = setup(bao);
+    for fault in [
+        Fault::ResetMidResponse,
+        Fault::Status(500, "injected".into()),
+        Fault::Drop,
+    ] {
+        let proxy = FaultProxy::start(&bao.addr);
+        proxy.add(common::faultproxy::Rule::new(
+            Some("GET"),
+            "/v1/transit/keys/",
+            fault.clone(),
+            Some(2),
+        ));
+        let o = keyroll(bao, &proxy.addr, &s.policy, &["status"]);
+        assert_eq!(o.code, 0, "{fault:?}: {}", o.stderr);
+        let o = sidecar_once(bao, &proxy.addr, &s.sidecar_config);
+        assert_eq!(o.code, 0, "{fault:?}: {}", o.stderr);
+        let failed = proxy
+            .seen()
+            .iter()
+            .filter(|r| r.path.contains("/v1/transit/keys/") && r.status != 200)
+            .count();
+        assert_eq!(failed, 2, "{fault:?}: both injected failures were hit");
+    }
+}
+
+fn clock_policy(dir: &Path, name: &str) -> PathBuf {
+    let p = dir.join(format!("{name}.toml"));
+    std::fs::write(
+        &p,
+        format!("[[keys]]\nname = \"{name}\"\ntype = \"aes256-gcm96\"\nrotate_every = \"30d\"\n"),
+    )
+    .unwrap();
+    p
+}
+
+/// A local clock ten minutes off Vault's (either way) would rotate, retire and trim at the wrong
+/// time: `apply` refuses before changing anything and says by how much the clocks differ.
+#[test]
+fn a_ten_minute_clock_skew_is_refused_before_any_change() {
+    let bao = Bao::shared();
+    let dir = tempfile::tempdir().unwrap();
+    for shift in [-600, 600] {
+        let name = unique("skewed");
+        let policy = clock_policy(dir.path(), &name);
+        let proxy = FaultProxy::start(&bao.addr);
+        proxy.on("/v1/", Fault::ShiftDate(shift), None);
+        let o = keyroll(bao, &proxy.addr, &policy, &["apply"]);
+        assert_eq!(o.code, 1, "shift {shift}: {}", o.stderr);
+        assert!(
+            o.stderr.contains("clock") && o.stderr.contains("max_clock_skew"),
+            "shift {shift}: the error explains the skew: {}",
+            o.stderr
+        );
+        assert!(
+            bao.read(&format!("transit/keys/{name}")).is_none(),
+            "shift {shift}: created despite the skew"
+        );
+    }
+}
+
+#[test]
+fn a_one_second_clock_skew_is_accepted() {
+    let bao = Bao::shared();
+    let dir = tempfile::tempdir().unwrap();
+    for shift in [-1, 1] {
+        let name = unique("in-step");
+        let policy = clock_policy(dir.path(), &name);
+        let proxy = FaultProxy::start(&bao.addr);
+        proxy.on("/v1/", Fault::ShiftDate(shift), None);
+        let o = keyroll(bao, &proxy.addr, &policy, &["apply"]);
+        assert_eq!(o.code, 0, "shift {shift}: {}", o.stderr);
+        assert_eq!(bao.key("transit", &name)["latest_version"], 1);
+    }
+}
