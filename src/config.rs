@@ -130,7 +130,7 @@ impl VaultSettings {
             .approle
             .map(|a| -> Result<AppRoleSettings, (&'static str, String)> {
                 let mount = a.mount.unwrap_or_else(|| "approle".into());
-                crate::policy::check_mount(&mount).map_err(|r| ("vault.approle.mount", r))?;
+                crate::paths::check_mount(&mount).map_err(|r| ("vault.approle.mount", r))?;
                 Ok(AppRoleSettings {
                     mount,
                     role_id_file: a.role_id_file.map(|p| resolve(base, p)),

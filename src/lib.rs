@@ -17,6 +17,7 @@ pub mod config;
 pub mod duration;
 pub mod events;
 pub mod notify;
+pub mod paths;
 pub mod planner;
 pub mod policy;
 pub mod state;

@@ -309,29 +309,9 @@ fn merge_key(d: &RawKey, k: RawKey) -> Result<KeyPolicy, (&'static str, String)>
     })
 }
 
-/// A mount path: one or more `/`-separated segments of `[A-Za-z0-9._-]`, no `..`.
-pub fn check_mount(m: &str) -> Result<(), String> {
-    check_vault_path(m)
-}
-
-fn check_vault_path(p: &str) -> Result<(), String> {
-    let ok = !p.is_empty()
-        && p.split('/').all(|seg| {
-            !seg.is_empty()
-                && seg != "."
-                && seg != ".."
-                && seg
-                    .chars()
-                    .all(|c| c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-'))
-        });
-    if ok {
-        Ok(())
-    } else {
-        Err(format!(
-            "{p:?} is not a Vault path; use segments of letters, digits, '.', '_', '-' joined by '/'"
-        ))
-    }
-}
+/// Kept here for callers that know it as `policy::check_mount` (the sidecar's loader).
+pub use crate::paths::check_mount;
+use crate::paths::check_vault_path;
 
 #[cfg(test)]
 mod tests {

@@ -26,6 +26,9 @@ use crate::output::{emit, table};
 
 use crate::exit::UsageError;
 
+/// `apply --at` is refused unless this environment variable is `1` (see the flag's help).
+const ALLOW_APPLY_AT: &str = "KEYROLL_ALLOW_APPLY_AT";
+
 pub async fn run(cli: Cli) -> anyhow::Result<u8> {
     let policy = Policy::load(&cli.config)?;
     match &cli.command {
@@ -40,7 +43,21 @@ pub async fn run(cli: Cli) -> anyhow::Result<u8> {
             Ok(exit::OK)
         }
         Command::Plan { at } => plan(&cli, &policy, parse_at(at.as_deref())?).await,
-        Command::Apply { dry_run } => apply_cmd(&cli, &policy, *dry_run).await,
+        Command::Apply { dry_run, at } => {
+            let at = match at {
+                None => None,
+                Some(_) if env_var(ALLOW_APPLY_AT).as_deref() != Some("1") => {
+                    return Err(UsageError(format!(
+                        "--at: apply acts on Vault as of another instant and records times that \
+                         follow it, which can trim versions early in a real Vault; set \
+                         {ALLOW_APPLY_AT}=1 to allow it (tests, rehearsals on a scratch Vault)"
+                    ))
+                    .into())
+                }
+                Some(s) => Some(parse_at(Some(s))?),
+            };
+            apply_cmd(&cli, &policy, *dry_run, at).await
+        }
         Command::Rotate {
             key,
             retire_previous,
@@ -319,18 +336,17 @@ fn open_audit(policy: &Policy) -> anyhow::Result<Option<AuditLog>> {
         .transpose()?)
 }
 
-async fn apply_cmd(cli: &Cli, policy: &Policy, dry_run: bool) -> anyhow::Result<u8> {
+async fn apply_cmd(
+    cli: &Cli,
+    policy: &Policy,
+    dry_run: bool,
+    at: Option<Timestamp>,
+) -> anyhow::Result<u8> {
     let mut audit = if dry_run { None } else { open_audit(policy)? };
     let vault = connect(cli, policy).await?;
     let (_tx, rx) = watch::channel(false);
-    let report = apply::apply(
-        &vault,
-        policy,
-        &options(policy, dry_run),
-        &Timestamp::now,
-        &rx,
-    )
-    .await;
+    let fixed = move || at.unwrap_or_else(Timestamp::now);
+    let report = apply::apply(&vault, policy, &options(policy, dry_run), &fixed, &rx).await;
     Ok(finish(cli, policy, &report, &mut audit).await)
 }
 
