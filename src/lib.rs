@@ -13,6 +13,7 @@ pub mod render;
 pub use keyname::KeyName;
 pub use keytype::KeyType;
 pub mod audit;
+pub mod bounds;
 pub mod config;
 pub mod duration;
 pub mod events;

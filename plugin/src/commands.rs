@@ -65,6 +65,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<u8> {
         } => rotate(&cli, &policy, key, *retire_previous, mount.as_deref()).await,
         Command::Status { at, grace } => {
             let grace = Span::parse(grace)
+                .and_then(|s| s.at_most(keyroll::bounds::MAX_GRACE))
                 .map(|s| s.signed())
                 .or_else(|e| {
                     if grace.trim() == "0s" || grace.trim() == "0" {
@@ -79,7 +80,9 @@ pub async fn run(cli: Cli) -> anyhow::Result<u8> {
         Command::Inventory { mount } => inventory(&cli, &policy, mount).await,
         Command::Run { interval } => {
             let interval = match interval {
-                Some(s) => Span::parse(s).map_err(|e| UsageError(format!("--interval: {e}")))?,
+                Some(s) => Span::parse(s)
+                    .and_then(|s| s.at_most(keyroll::bounds::MAX_INTERVAL))
+                    .map_err(|e| UsageError(format!("--interval: {e}")))?,
                 None => policy.run.interval,
             };
             daemon(&cli, policy, interval).await
