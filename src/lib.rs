@@ -40,5 +40,7 @@ pub fn error_chain(e: &dyn std::error::Error) -> String {
     s
 }
 pub mod apply;
+pub mod changes;
 pub mod lock;
 pub mod observe;
+pub mod store;

@@ -7,7 +7,11 @@
 //!
 //! Invariants (property-tested below): the latest version is never retired or trimmed; nothing
 //! inside `keep_versions` or `retain_for` is retired or trimmed; no minimum is ever lowered;
-//! a key whose type or flags disagree with the policy gets no action at all.
+//! a key whose type or flags disagree with the policy gets no action at all; a retirement time
+//! recorded for a version that is usable now never counts (the version was un-retired, and a
+//! new retirement restarts `dispose_after`); bookkeeping is planned only for versions that are
+//! usable or retired-but-stored, so a repeated plan converges to "nothing to do". Version
+//! arithmetic is checked (`keep_versions` near `u32::MAX` cannot wrap).
 
 use jiff::{SignedDuration, Timestamp};
 use serde::Serialize;
@@ -47,6 +51,9 @@ pub enum Action {
     },
     /// Record when already-retired versions were retired, where keyroll has no record.
     RecordRetired { versions: Vec<u32>, reason: String },
+    /// Forget retirement times recorded for versions that are usable again (someone lowered
+    /// `min_decryption_version`): should they retire again, `dispose_after` starts afresh.
+    ForgetRetired { versions: Vec<u32>, reason: String },
     /// Trim versions below `min_available_version` (irreversible). Vault requires
     /// `min_encryption_version` to be at least that first.
     Dispose {
@@ -66,6 +73,7 @@ impl Action {
             | Action::Rotate { reason, .. }
             | Action::Retire { reason, .. }
             | Action::RecordRetired { reason, .. }
+            | Action::ForgetRetired { reason, .. }
             | Action::Dispose { reason, .. } => reason,
         }
     }
@@ -78,6 +86,7 @@ impl Action {
             Action::Rotate { .. } => "rotate",
             Action::Retire { .. } => "retire",
             Action::RecordRetired { .. } => "record-retired",
+            Action::ForgetRetired { .. } => "forget-retired",
             Action::Dispose { .. } => "dispose",
         }
     }
@@ -86,7 +95,9 @@ impl Action {
     pub fn changes_vault_key(&self) -> bool {
         !matches!(
             self,
-            Action::RecordCreated { .. } | Action::RecordRetired { .. }
+            Action::RecordCreated { .. }
+                | Action::RecordRetired { .. }
+                | Action::ForgetRetired { .. }
         )
     }
 }
@@ -137,8 +148,10 @@ pub fn plan_key(policy: &KeyPolicy, obs: &Observation, now: Timestamp) -> KeyPla
         return plan;
     }
 
-    // Versions whose creation Vault does not report and keyroll never recorded.
-    let unknown: Vec<u32> = (key.min_available()..=key.latest_version)
+    // Usable versions whose creation Vault does not report and keyroll never recorded. (Vault
+    // reports no creation time for retired versions either; the planner never needs one: see
+    // `successor_created_by`.)
+    let unknown: Vec<u32> = (key.min_usable()..=key.latest_version)
         .filter(|v| key.created(record, *v).is_none())
         .collect();
     if !unknown.is_empty() {
@@ -164,6 +177,23 @@ pub fn plan_key(policy: &KeyPolicy, obs: &Observation, now: Timestamp) -> KeyPla
                 ),
             });
         }
+    }
+
+    // Retirement times of versions that are usable now are stale: forget them first.
+    let stale: Vec<u32> = record
+        .retired
+        .range(key.min_usable()..)
+        .map(|(v, _)| *v)
+        .collect();
+    if !stale.is_empty() {
+        plan.actions.push(Action::ForgetRetired {
+            reason: format!(
+                "{} usable again (min_decryption_version lowered); a new retirement restarts \
+                 dispose_after",
+                versions_list(&stale)
+            ),
+            versions: stale,
+        });
     }
 
     let r = &policy.retention;
@@ -204,7 +234,7 @@ pub fn plan_key(policy: &KeyPolicy, obs: &Observation, now: Timestamp) -> KeyPla
         }
         let dispose_to = dispose_target(policy, key, record, now);
         if dispose_to > key.min_available() {
-            let retired_at = record.retired.get(&(dispose_to - 1)).copied();
+            let retired_at = retired_at(key, record, dispose_to - 1);
             let ago = retired_at
                 .map(|t| human(now.duration_since(t)))
                 .unwrap_or_default();
@@ -224,6 +254,19 @@ pub fn plan_key(policy: &KeyPolicy, obs: &Observation, now: Timestamp) -> KeyPla
         }
     }
     plan
+}
+
+fn versions_list(v: &[u32]) -> String {
+    match v {
+        [one] => format!("v{one} is"),
+        _ => format!(
+            "{} are",
+            v.iter()
+                .map(|v| format!("v{v}"))
+                .collect::<Vec<_>>()
+                .join(", ")
+        ),
+    }
 }
 
 fn versions_label(from: u32, to: u32) -> String {
@@ -265,18 +308,45 @@ fn may_retire(
         return false;
     }
     if let Some(n) = r.keep_versions {
-        // The newest n versions are latest-n+1 ..= latest.
-        if v + n > key.latest_version {
+        // The newest n versions are latest-n+1 ..= latest. In u64: no wrap for any n.
+        if u64::from(v) + u64::from(n) > u64::from(key.latest_version) {
             return false;
         }
     }
     if let Some(d) = r.retain_for {
-        match key.created(record, v + 1) {
+        match successor_created_by(key, record, v) {
             Some(succ) if now.duration_since(succ) >= d.signed() => {}
             _ => return false,
         }
     }
     true
+}
+
+/// A time by which version `v`'s successor certainly existed: its own creation time if known,
+/// else that of the next version with a known time (versions are created in order, and a
+/// recorded "first seen" is never earlier than the real creation). Vault reports no creation
+/// time for retired versions, so for those this is the first usable version's; using a later
+/// time only makes a retention rule hold later, never earlier.
+fn successor_created_by(key: &TransitKey, record: &KeyRecord, v: u32) -> Option<Timestamp> {
+    let succ = v.checked_add(1)?;
+    if let Some(t) = key.created(record, succ) {
+        return Some(t);
+    }
+    let from_vault = key.versions.range(succ..).next().map(|(_, t)| *t);
+    let from_record = record.created.range(succ..).next().map(|(_, t)| *t);
+    match (from_vault, from_record) {
+        (Some(a), Some(b)) => Some(a.min(b)),
+        (a, b) => a.or(b),
+    }
+}
+
+/// When version `v` retired, by keyroll's record — only if it is retired now: a time recorded
+/// for a version that is usable again belongs to a retirement that was undone.
+pub fn retired_at(key: &TransitKey, record: &KeyRecord, v: u32) -> Option<Timestamp> {
+    if v >= key.min_usable() {
+        return None;
+    }
+    record.retired.get(&v).copied()
 }
 
 /// The `min_decryption_version` the policy allows now (never below the current one).
@@ -307,10 +377,7 @@ pub fn dispose_target(
     };
     while to < key.min_usable()
         && may_retire(policy, key, record, to, now)
-        && record
-            .retired
-            .get(&to)
-            .is_some_and(|t| now.duration_since(*t) >= after.signed())
+        && retired_at(key, record, to).is_some_and(|t| now.duration_since(t) >= after.signed())
     {
         to += 1;
     }

@@ -7,6 +7,8 @@ mod common;
 use std::path::PathBuf;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
+use common::faultproxy::FaultProxy;
+use common::keyroll::{applied_verbs, apply_at, apply_at_via, key_state, plus, PolicyFile};
 use common::{run, unique, Bao};
 use serde_json::Value;
 
@@ -609,6 +611,246 @@ fn key_material_and_tokens_never_reach_logs_or_output() {
                     "key material of {name} leaked"
                 );
             }
+        }
+    }
+}
+
+/// How a version that keyroll retired becomes retired again after an operator un-retired it.
+#[derive(Clone, Copy, Debug)]
+enum ReRetire {
+    /// keyroll runs while the version is usable, then retires it again itself.
+    KeyrollAfterSeeingItUsable,
+    /// keyroll never sees the version usable: un-retired and re-retired between two runs.
+    KeyrollWithoutSeeingItUsable,
+    /// keyroll sees it usable, then the operator raises the minimum again by hand.
+    Operator,
+}
+
+/// Issue 7 item 2: retire v1 (keep_versions = 1), un-retire it (operator lowers
+/// min_decryption_version, policy keep_versions = 2), retire it again: disposal must wait a full
+/// `dispose_after` from the second retirement, not count from the first. Clock pinned by --at.
+fn re_retirement_restarts_dispose_after(how: ReRetire) {
+    let bao = Bao::shared();
+    let name = unique("reretire");
+    let body = |keep: u32| {
+        format!(
+            "[[keys]]\nname = \"{name}\"\ntype = \"aes256-gcm96\"\nrotate_every = \"1d\"\n\
+             keep_versions = {keep}\ndispose_after = \"10s\"\n"
+        )
+    };
+    let p = PolicyFile::new(&body(1));
+    let t0 = jiff::Timestamp::now();
+    apply_at(bao, &p.path, t0, 0);
+    assert_eq!(keyroll(bao, &p.path, &["rotate", &name]).0, 0);
+    apply_at(bao, &p.path, plus(t0, 1), 0);
+    assert_eq!(
+        key_state(bao, "transit", &name),
+        (2, 2, 0),
+        "v1 retired at t0+1s"
+    );
+
+    // The operator un-retires v1 and keeps two versions for a while.
+    bao.cli_ok(&[
+        "write",
+        &format!("transit/keys/{name}/config"),
+        "min_decryption_version=1",
+    ]);
+    p.write(&body(2));
+    if !matches!(how, ReRetire::KeyrollWithoutSeeingItUsable) {
+        apply_at(bao, &p.path, plus(t0, 5), 0);
+        assert_eq!(
+            key_state(bao, "transit", &name),
+            (2, 1, 0),
+            "v1 usable again"
+        );
+    }
+    match how {
+        ReRetire::Operator => {
+            bao.cli_ok(&[
+                "write",
+                &format!("transit/keys/{name}/config"),
+                "min_decryption_version=2",
+            ]);
+            p.write(&body(1));
+            // keyroll first sees the retirement at t0+20s.
+            apply_at(bao, &p.path, plus(t0, 20), 0);
+        }
+        _ => {
+            p.write(&body(1));
+            apply_at(bao, &p.path, plus(t0, 20), 0);
+        }
+    }
+    assert_eq!(
+        key_state(bao, "transit", &name),
+        (2, 2, 0),
+        "{how:?}: v1 retired again at t0+20s"
+    );
+    apply_at(bao, &p.path, plus(t0, 21), 0);
+    assert_eq!(
+        key_state(bao, "transit", &name),
+        (2, 2, 0),
+        "{how:?}: v1 re-retired 1s ago must not be trimmed (dispose_after = 10s)"
+    );
+    apply_at(bao, &p.path, plus(t0, 29), 0);
+    assert_eq!(
+        key_state(bao, "transit", &name),
+        (2, 2, 0),
+        "{how:?}: 9s after"
+    );
+    apply_at(bao, &p.path, plus(t0, 30), 0);
+    assert_eq!(
+        key_state(bao, "transit", &name),
+        (2, 2, 2),
+        "{how:?}: v1 trimmed 10s after its second retirement"
+    );
+}
+
+#[test]
+fn re_retired_version_waits_dispose_after_again_when_keyroll_re_retires_it() {
+    re_retirement_restarts_dispose_after(ReRetire::KeyrollAfterSeeingItUsable);
+}
+
+#[test]
+fn re_retired_version_waits_dispose_after_again_when_keyroll_never_saw_it_usable() {
+    re_retirement_restarts_dispose_after(ReRetire::KeyrollWithoutSeeingItUsable);
+}
+
+#[test]
+fn re_retired_version_waits_dispose_after_again_when_an_operator_re_retires_it() {
+    re_retirement_restarts_dispose_after(ReRetire::Operator);
+}
+
+/// Issue 7 item 6: once versions are retired, Vault's key read no longer lists their creation
+/// times; that must not make every run plan bookkeeping, take the lock and write KV.
+#[test]
+fn plan_reaches_up_to_date_after_retirement_and_apply_then_touches_no_state() {
+    let bao = Bao::shared();
+    let names: Vec<String> = ["aes256-gcm96", "ed25519", "hmac"]
+        .iter()
+        .map(|t| format!("{}-{t}", unique("conv")))
+        .collect();
+    let mut body = String::from("[defaults]\nrotate_every = \"1d\"\nkeep_versions = 1\n");
+    for (n, t) in names.iter().zip(["aes256-gcm96", "ed25519", "hmac"]) {
+        body.push_str(&format!("[[keys]]\nname = \"{n}\"\ntype = \"{t}\"\n"));
+    }
+    let p = PolicyFile::new(&body);
+    let t0 = jiff::Timestamp::now();
+    apply_at(bao, &p.path, t0, 0);
+    for n in &names {
+        assert_eq!(keyroll(bao, &p.path, &["rotate", n]).0, 0);
+    }
+    apply_at(bao, &p.path, plus(t0, 1), 0);
+    for n in &names {
+        assert_eq!(key_state(bao, "transit", n), (2, 2, 0), "{n} v1 retired");
+    }
+    for round in 1..=2 {
+        let (code, out, err) = keyroll(bao, &p.path, &["plan", "-o", "json"]);
+        assert_eq!(code, 0, "{err}");
+        let plan: Value = serde_json::from_str(&out).unwrap();
+        for k in plan["keys"].as_array().unwrap() {
+            assert_eq!(
+                k["actions"],
+                serde_json::json!([]),
+                "plan #{round} after retirement is not up to date: {k}"
+            );
+        }
+    }
+    // A no-op apply reads and nothing else: no lock taken, no record written.
+    let proxy = FaultProxy::start(&bao.addr);
+    let report = apply_at_via(bao, &proxy.addr, &p.path, plus(t0, 2), 0);
+    for n in &names {
+        assert!(applied_verbs(&report, n).is_empty(), "{report}");
+    }
+    let writes: Vec<_> = proxy
+        .seen()
+        .into_iter()
+        .filter(|s| s.method != "GET" || s.path.contains("/locks/"))
+        .collect();
+    assert!(
+        writes.is_empty(),
+        "a no-op apply took locks or wrote: {writes:?}"
+    );
+}
+
+/// Issue 7 item 11: `bao kv delete` on keyroll's lock or record keeps the KV version number, so
+/// check-and-set against "absent" (cas = 0) never matches again; keyroll must carry on.
+#[test]
+fn soft_deleted_or_destroyed_lock_and_record_do_not_block_a_key() {
+    let bao = Bao::shared();
+    for how in ["delete", "destroy"] {
+        let name = unique(&format!("kvdel-{how}"));
+        let p = PolicyFile::new(&format!(
+            "[vault]\ntimeout = \"2s\"\n[state]\nlock_ttl = \"10s\"\n\
+             [[keys]]\nname = \"{name}\"\ntype = \"hmac\"\nrotate_every = \"1d\"\n"
+        ));
+        let t0 = jiff::Timestamp::now();
+        apply_at(bao, &p.path, t0, 0);
+        for kind in ["locks", "keys"] {
+            let path = format!("secret/keyroll/{kind}/transit/{name}");
+            match how {
+                "delete" => bao.cli_ok(&["kv", "delete", &path]),
+                _ => {
+                    let meta = bao.read(&format!("secret/metadata/keyroll/{kind}/transit/{name}"));
+                    let v = meta.expect("metadata")["current_version"].as_u64().unwrap();
+                    bao.cli_ok(&["kv", "destroy", &format!("-versions={v}"), &path])
+                }
+            };
+        }
+        // The record held v1's creation time (Vault keeps none for hmac): it is recorded
+        // again as first seen, under the lock written over the deleted one.
+        let report = apply_at(bao, &p.path, plus(t0, 2 * 86_400), 0);
+        assert_eq!(
+            applied_verbs(&report, &name),
+            ["record_created"],
+            "{how}: {report}"
+        );
+        let report = apply_at(bao, &p.path, plus(t0, 4 * 86_400), 0);
+        assert_eq!(applied_verbs(&report, &name), ["rotate"], "{how}: {report}");
+        assert_eq!(key_state(bao, "transit", &name).0, 2, "{how}");
+        let rec = bao
+            .read(&format!("secret/data/keyroll/keys/transit/{name}"))
+            .unwrap_or_else(|| panic!("{how}: no record after the run"));
+        assert!(
+            rec["data"]["created"].get("2").is_some(),
+            "{how}: v2's creation time not recorded: {rec}"
+        );
+    }
+}
+
+/// Issue 7 items 11 and 13: values that overflow or make no sense are refused when the policy
+/// is loaded (exit 64, `file:line: field: reason`), by `validate` and by `apply` alike.
+#[test]
+fn absurd_durations_and_counts_are_refused_at_load_with_file_line_and_field() {
+    let bao = Bao::shared();
+    let key = "[[keys]]\nname = \"x\"\ntype = \"aes256-gcm96\"\nrotate_every = \"90d\"\n";
+    let cases: Vec<(String, usize, &str)> = vec![
+        (format!("[state]\nlock_ttl = \"200000000000000d\"\n{key}"), 2, "state.lock_ttl"),
+        (format!("[state]\nlock_ttl = \"18446744073709551615s\"\n{key}"), 2, "state.lock_ttl"),
+        (format!("[state]\nlock_ttl = \"30s\"\n{key}"), 2, "state.lock_ttl"),
+        (format!("{key}keep_versions = 4294967295\n"), 5, "keys.keep_versions"),
+        (
+            "[[keys]]\nname = \"x\"\ntype = \"aes256-gcm96\"\nrotate_every = \"200000000000000d\"\n"
+                .to_string(),
+            4,
+            "keys.rotate_every",
+        ),
+        (format!("{key}keep_versions = 1\nretain_for = \"100000000d\"\n"), 6, "keys.retain_for"),
+        (format!("{key}keep_versions = 1\ndispose_after = \"100000000d\"\n"), 6, "keys.dispose_after"),
+        (format!("[run]\ninterval = \"18446744073709551615s\"\n{key}"), 2, "run.interval"),
+        (format!("[run]\nconcurrency = 100000\n{key}"), 2, "run.concurrency"),
+        (format!("[vault]\ntimeout = \"100000d\"\n{key}"), 2, "vault.timeout"),
+        (
+            format!("{key}[[notify.webhook]]\nurl = \"https://h.example/\"\ntimeout = \"100000d\"\n"),
+            7,
+            "notify.webhook.timeout",
+        ),
+    ];
+    for (body, line, field) in cases {
+        let p = PolicyFile::new(&body);
+        for cmd in ["validate", "apply"] {
+            let (code, out, err) = keyroll(bao, &p.path, &[cmd]);
+            assert_eq!(code, 64, "{cmd} accepted {field} in:\n{body}\n{out}{err}");
+            one_error_line(&err, &format!("{}:{line}: {field}: ", p.path.display()));
         }
     }
 }

@@ -15,6 +15,7 @@ use std::time::{Duration, Instant};
 use serde_json::Value;
 
 pub mod faultproxy;
+pub mod keyroll;
 pub mod sidecar;
 
 /// Repository root (the root crate's manifest dir).
