@@ -1017,3 +1017,111 @@ fn on_demand(
     }
     Decision::Done
 }
+
+#[cfg(test)]
+mod tests {
+    use std::collections::BTreeMap;
+
+    use super::*;
+    use crate::duration::Span;
+    use crate::policy::Retention;
+    use crate::state::KeyRecord;
+    use crate::vault::transit::TransitKey;
+
+    fn t(secs: i64) -> Timestamp {
+        Timestamp::from_second(1_800_000_000 + secs).unwrap()
+    }
+
+    fn key(latest: u32, min_dec: u32) -> TransitKey {
+        TransitKey {
+            name: "k".into(),
+            key_type: "aes256-gcm96".into(),
+            exportable: false,
+            deletion_allowed: false,
+            latest_version: latest,
+            min_decryption_version: min_dec,
+            min_encryption_version: 0,
+            min_available_version: 0,
+            versions: (min_dec.max(1)..=latest).map(|v| (v, t(0))).collect(),
+            public_keys: BTreeMap::new(),
+        }
+    }
+
+    fn policy() -> KeyPolicy {
+        KeyPolicy {
+            name: KeyName::new("k").unwrap(),
+            mount: "transit".into(),
+            key_type: KeyType::Aes256Gcm96,
+            exportable: false,
+            key_size: None,
+            rotate_every: Span::from_secs(10),
+            retention: Retention {
+                keep_versions: Some(1),
+                ..Default::default()
+            },
+            line: 1,
+        }
+    }
+
+    fn verb(d: Decision) -> &'static str {
+        match d {
+            Decision::Done => "done",
+            Decision::Drift(_) => "drift",
+            Decision::Act(a) => a.verb(),
+        }
+    }
+
+    #[test]
+    fn one_new_version_per_key_per_run_however_overdue() {
+        // Every version is "old" at t(1000): the planner would rotate again after each rotation.
+        let obs = Observation::present(key(1, 1), KeyRecord::default());
+        let fresh = Progress::default();
+        assert_eq!(verb(next_action(&policy(), &obs, t(1000), fresh)), "rotate");
+        let rotated = Progress { new_version: true };
+        let obs = Observation::present(key(2, 1), KeyRecord::default());
+        // After the run's rotation: retire what it superseded, but no second rotation.
+        assert_eq!(
+            verb(next_action(&policy(), &obs, t(1000), rotated)),
+            "retire"
+        );
+        let obs = Observation::present(key(2, 2), KeyRecord::default());
+        assert_eq!(verb(next_action(&policy(), &obs, t(1000), rotated)), "done");
+    }
+
+    #[test]
+    fn on_demand_rotates_once_then_retires_everything_below() {
+        assert_eq!(verb(on_demand(3, &key(3, 1), true)), "rotate");
+        assert_eq!(verb(on_demand(3, &key(4, 1), false)), "done");
+        match on_demand(3, &key(4, 1), true) {
+            Decision::Act(Action::Retire {
+                min_decryption_version,
+                ..
+            }) => assert_eq!(min_decryption_version, 4),
+            _ => panic!("expected a retire"),
+        }
+        assert_eq!(verb(on_demand(3, &key(4, 4), true)), "done");
+    }
+
+    #[test]
+    fn a_change_vault_shows_is_reported_with_the_planned_reason_or_as_seen() {
+        let planned = Action::Rotate {
+            from_version: 1,
+            reason: "v1 is 91d old".into(),
+        };
+        let after = Observation::present(key(2, 1), KeyRecord::default());
+        let (kind, action, reason) = describe(Change::Rotated { from: 1, to: 2 }, &planned, &after);
+        assert_eq!(kind, EventKind::Rotated);
+        assert_eq!(action, Some(planned.clone()));
+        assert_eq!(reason, "v1 is 91d old");
+        let (kind, action, reason) = describe(Change::Retired { from: 1, to: 2 }, &planned, &after);
+        assert_eq!(kind, EventKind::Retired);
+        assert!(matches!(
+            action,
+            Some(Action::Retire {
+                min_decryption_version: 2,
+                ..
+            })
+        ));
+        assert!(reason.starts_with("seen in Vault after rotate"), "{reason}");
+    }
+}
