@@ -1,14 +1,17 @@
 //! End-to-end tests of the `keyroll` binary against a real OpenBao dev server: creation,
 //! rotation and retention timing, on-demand rotation, drift, concurrency, failure surfaces.
-//! Vault's state is read back directly (with the `bao` CLI) after each run.
+//! Vault's state is read back directly (with the `bao` CLI) after each run. Schedules are
+//! tested at pinned instants (`apply --at`), never with wall-clock margins.
 
 mod common;
 
 use std::path::PathBuf;
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::Duration;
 
 use common::faultproxy::FaultProxy;
-use common::keyroll::{applied_verbs, apply_at, apply_at_via, key_state, plus, PolicyFile};
+use common::keyroll::{
+    applied_verbs, apply_at, apply_at_via, key_state, keyroll_via, plus, PolicyFile,
+};
 use common::{run, unique, Bao};
 use serde_json::Value;
 
@@ -28,27 +31,6 @@ fn n(v: &Value, field: &str) -> u64 {
     v[field]
         .as_u64()
         .unwrap_or_else(|| panic!("{field} missing in {v}"))
-}
-
-/// Creation time of a version, as Vault reports it (symmetric: unix seconds; asymmetric: RFC 3339).
-fn created(bao: &Bao, name: &str, version: u32) -> f64 {
-    let k = bao.key("transit", name);
-    let e = &k["keys"][version.to_string()];
-    if let Some(s) = e.as_f64() {
-        return s;
-    }
-    let t: jiff::Timestamp = e["creation_time"].as_str().unwrap().parse().unwrap();
-    t.as_millisecond() as f64 / 1000.0
-}
-
-fn sleep_until(unix: f64) {
-    let now = SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .unwrap()
-        .as_secs_f64();
-    if unix > now {
-        std::thread::sleep(Duration::from_secs_f64(unix - now));
-    }
 }
 
 #[test]
@@ -100,111 +82,117 @@ fn creates_every_declared_key_type_with_its_flags() {
         .all(|k| k["actions"].as_array().unwrap().is_empty()));
 }
 
-/// Creation time of a version as the planner sees it: from Vault for most types, from
-/// keyroll's KV record for hmac (Vault keeps none).
-fn created_any(bao: &Bao, name: &str, version: u32, hmac: bool) -> f64 {
-    if !hmac {
-        return created(bao, name, version);
+/// Creation time of `version` as the planner sees it, exactly: Vault's (unix seconds for
+/// symmetric keys, RFC 3339 for asymmetric ones) or, for hmac, keyroll's record.
+fn created_at(bao: &Bao, name: &str, version: u32, hmac: bool) -> jiff::Timestamp {
+    let v = version.to_string();
+    let e = if hmac {
+        let rec = bao
+            .read(&format!("secret/data/keyroll/keys/transit/{name}"))
+            .expect("keyroll record");
+        rec["data"]["created"][&v].clone()
+    } else {
+        bao.key("transit", name)["keys"][&v].clone()
+    };
+    if let Some(secs) = e.as_i64() {
+        return jiff::Timestamp::from_second(secs).unwrap();
     }
-    let rec = bao
-        .read(&format!("secret/data/keyroll/keys/transit/{name}"))
-        .expect("keyroll record");
-    let t: jiff::Timestamp = rec["data"]["created"][version.to_string()]
+    let text = e
         .as_str()
-        .unwrap()
-        .parse()
-        .unwrap();
-    t.as_millisecond() as f64 / 1000.0
+        .or_else(|| e["creation_time"].as_str())
+        .unwrap_or_else(|| panic!("no creation time for v{v}: {e}"));
+    text.parse().unwrap()
 }
 
-fn now_unix() -> f64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .unwrap()
-        .as_secs_f64()
+/// Waits until the wall clock is past the whole second `t` falls in: Vault stamps symmetric
+/// versions with whole seconds, and the next version must carry a later one. (A wait in the
+/// safe direction: waiting longer changes nothing.)
+fn wait_past_second_of(t: jiff::Timestamp) {
+    while jiff::Timestamp::now().as_second() <= t.as_second() {
+        std::thread::sleep(Duration::from_millis(20));
+    }
 }
 
-/// rotate_every 4s, retain_for 6s, dispose_after 4s. Every apply runs at a chosen offset from
-/// the creation times the planner sees (at least 0.5 s from any boundary); the Vault state is
-/// read back after each run. The runs just before each step prove it does not happen early.
+/// rotate_every 4s, retain_for 6s, dispose_after 4s. Every apply runs at a pinned instant
+/// (`apply --at`) at or one second before a boundary computed from the creation times the
+/// planner sees (Vault's, or keyroll's record for hmac); the Vault state is read back after
+/// each run. No wall-clock margin is involved. The runs just before each step prove it does
+/// not happen early; the runs on the boundary, that it happens then.
 fn retention_scenario(key_type: &str) {
     let bao = Bao::shared();
     let hmac = key_type == "hmac";
     let name = unique(&format!("ret-{key_type}"));
-    let write = |rotate: &str| {
-        policy(&format!(
+    let body = |rotate: &str| {
+        format!(
             "[[keys]]\nname = \"{name}\"\ntype = \"{key_type}\"\nrotate_every = \"{rotate}\"\n\
              retain_for = \"6s\"\ndispose_after = \"4s\"\n"
-        ))
+        )
     };
-    let (_d, path) = write("4s");
-    let apply = |path: &PathBuf| {
-        let (code, out, err) = keyroll(bao, path, &["apply"]);
-        assert_eq!(code, 0, "{out}\n{err}");
-    };
+    let p = PolicyFile::new(&body("4s"));
     let check = |expect: (u64, u64, u64), when: &str| {
-        let k = bao.key("transit", &name);
-        let got = (
-            n(&k, "latest_version"),
-            n(&k, "min_decryption_version"),
-            n(&k, "min_available_version"),
-        );
         assert_eq!(
-            got, expect,
+            key_state(bao, "transit", &name),
+            expect,
             "{key_type} key {when} (latest, min_decryption, min_available)"
         );
     };
 
-    apply(&path);
+    apply_at(bao, &p.path, jiff::Timestamp::now(), 0);
     check((1, 1, 0), "after create");
-    let c1 = created_any(bao, &name, 1, hmac);
+    let c1 = created_at(bao, &name, 1, hmac);
 
-    sleep_until(c1 + 2.0);
-    apply(&path);
-    check((1, 1, 0), "v1 2s old: not rotated before rotate_every");
+    apply_at(bao, &p.path, plus(c1, 3), 0);
+    check((1, 1, 0), "v1 3s old: not rotated before rotate_every");
+    wait_past_second_of(c1);
+    apply_at(bao, &p.path, plus(c1, 4), 0);
+    check((2, 1, 0), "v1 4s old: rotated; v1 stays usable");
+    let c2 = created_at(bao, &name, 2, hmac);
 
-    sleep_until(c1 + 4.5);
-    apply(&path);
-    check((2, 1, 0), "v1 4.5s old: rotated; v1 stays usable");
-    let c2 = created_any(bao, &name, 2, hmac);
-
-    sleep_until(c2 + 3.0);
-    apply(&path);
+    apply_at(bao, &p.path, plus(c2, 3), 0);
     check((2, 1, 0), "v2 3s old: nothing due");
-
-    sleep_until(c2 + 4.5);
-    apply(&path);
+    wait_past_second_of(c2);
+    apply_at(bao, &p.path, plus(c2, 4), 0);
     check(
         (3, 1, 0),
-        "v2 4.5s old: rotated; v1's successor only 4.5s old, v1 kept",
+        "v2 4s old: rotated; v1's successor only 4s old, v1 kept",
     );
+    let c3 = created_at(bao, &name, 3, hmac);
+    assert!(c3 > c2, "v3 must be younger than v2");
 
-    // From here on only retention is exercised: stop rotating.
-    let (_d2, path) = write("1h");
-    sleep_until(c2 + 5.5);
-    apply(&path);
+    // From here on only retention is exercised: stop rotating. v1 retires when v2 is 6s old
+    // (c2+6), v2 when v3 is (c3+6, later: c3 > c2); each is trimmed 4s after it retired.
+    p.write(&body("1h"));
+    apply_at(bao, &p.path, plus(c2, 5), 0);
     check(
         (3, 1, 0),
-        "v1's successor 5.5s old: not retired before retain_for",
+        "v1's successor 5s old: not retired before retain_for",
     );
-
-    sleep_until(c2 + 6.5);
-    let retired_at = now_unix();
-    apply(&path);
-    check((3, 2, 0), "v1's successor 6.5s old: v1 retired");
-
-    sleep_until(retired_at + 3.0);
-    apply(&path);
+    let v1_retired = plus(c2, 6);
+    apply_at(bao, &p.path, v1_retired, 0);
     check(
         (3, 2, 0),
-        "v1 retired under 3.1s ago: not disposed before dispose_after",
+        "v1's successor 6s old: v1 retired (v2's successor is younger)",
     );
-
-    sleep_until(retired_at + 4.6);
-    apply(&path);
+    apply_at(bao, &p.path, plus(c2, 9).min(plus(c3, 5)), 0);
+    check(
+        (3, 2, 0),
+        "v1 retired under 4s ago, v2's successor under 6s old: nothing due",
+    );
+    let v2_retired = plus(c2, 10).max(plus(c3, 6));
+    apply_at(bao, &p.path, v2_retired, 0);
     check(
         (3, 3, 2),
-        "v1 retired over 4.5s ago: disposed; v2's successor now old enough to retire",
+        "v1 retired 4s or more ago: disposed; v2's successor 6s old: v2 retired",
+    );
+    apply_at(bao, &p.path, plus(v2_retired, 3), 0);
+    check(
+        (3, 3, 2),
+        "v2 retired 3s ago: not disposed before dispose_after",
+    );
+    apply_at(bao, &p.path, plus(v2_retired, 4), 0);
+    check(
+        (3, 3, 3),
+        "v2 retired 4s ago: disposed; v3, the latest, stays",
     );
 
     // Trimmed material is gone from Vault, not just hidden.
@@ -374,19 +362,25 @@ fn inventory_lists_managed_and_unmanaged_keys() {
 fn two_concurrent_applies_add_exactly_one_version_per_due_key() {
     let bao = Bao::shared();
     let names: Vec<String> = (0..8).map(|_| unique("conc")).collect();
-    let mut body = String::from("[defaults]\nrotate_every = \"2s\"\ntype = \"aes256-gcm96\"\n");
+    let mut body = String::from("[defaults]\nrotate_every = \"1d\"\ntype = \"aes256-gcm96\"\n");
     for n in &names {
         body.push_str(&format!("[[keys]]\nname = \"{n}\"\n"));
     }
-    let (_d, path) = policy(&body);
-    assert_eq!(keyroll(bao, &path, &["apply"]).0, 0);
-    for round in 2..=3u64 {
-        std::thread::sleep(Duration::from_millis(2200));
+    let p = PolicyFile::new(&body);
+    apply_at(bao, &p.path, jiff::Timestamp::now(), 0);
+    for round in 2..=3u32 {
+        // Pinned at the instant the newest latest version turns 1d old: every key is due, and
+        // a version made during this round (a later second) is not.
+        let newest = names
+            .iter()
+            .map(|n| created_at(bao, n, round - 1, false))
+            .max()
+            .unwrap();
+        let at = plus(newest, 86_400).to_string();
+        wait_past_second_of(newest);
         let spawn = || {
-            bao.keyroll("keyroll")
-                .arg("-c")
-                .arg(&path)
-                .arg("apply")
+            keyroll_via(bao, &bao.addr, &p.path)
+                .args(["apply", "--at", &at])
                 .stdout(std::process::Stdio::piped())
                 .stderr(std::process::Stdio::piped())
                 .spawn()
@@ -403,7 +397,11 @@ fn two_concurrent_applies_add_exactly_one_version_per_due_key() {
             );
         }
         for n in &names {
-            assert_eq!(super_latest(bao, n), round, "{n} after round {round}");
+            assert_eq!(
+                super_latest(bao, n),
+                u64::from(round),
+                "{n} after round {round}"
+            );
         }
     }
 }
