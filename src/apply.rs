@@ -42,6 +42,21 @@ pub const MAX_ATTEMPTS: u32 = 3;
 /// Actions one key may take in a run. A key needs at most a handful (record, rotate, retire,
 /// record, dispose); more means the state keeps changing under keyroll, so it stops and says so.
 pub const MAX_STEPS: u32 = 12;
+/// Pause before reading again after an unclear answer (colliding writes in OpenBao clear up in
+/// moments); doubles per unclear answer up to [`MAX_RETRY_PAUSE`], plus up to half again of
+/// jitter.
+pub const FIRST_RETRY_PAUSE: Duration = Duration::from_millis(100);
+pub const MAX_RETRY_PAUSE: Duration = Duration::from_secs(2);
+
+/// Waits before the `n`th re-read (n ≥ 1) after unclear answers.
+async fn retry_pause(n: u32) {
+    use rand::Rng;
+    let base = FIRST_RETRY_PAUSE
+        .saturating_mul(1u32 << n.saturating_sub(1).min(5))
+        .min(MAX_RETRY_PAUSE);
+    let jitter = rand::rng().random_range(0..=base.as_millis() as u64 / 2);
+    tokio::time::sleep(base + Duration::from_millis(jitter)).await;
+}
 
 /// Why a key could not be handled: the class decides the exit status.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
@@ -455,6 +470,7 @@ async fn reconcile(
             Err(e) if outcome_unknown(&e) && read_failures + 1 < MAX_ATTEMPTS => {
                 read_failures += 1;
                 tracing::warn!(error = %e, "unclear answer to a read; reading again");
+                retry_pause(read_failures + write_failures).await;
                 continue;
             }
             Err(e) => {
@@ -525,6 +541,7 @@ async fn reconcile(
             }
             Err(Stop::Vault(e)) if outcome_unknown(&e) && action.changes_vault_key() => {
                 tracing::warn!(error = %e, action = action.verb(), "unclear answer to a write; reading again before deciding");
+                retry_pause(read_failures + write_failures + 1).await;
                 pending = Some(Pending {
                     action,
                     before: obs,

@@ -48,8 +48,8 @@ pub enum LockError {
         waited: Duration,
     },
     #[error(
-        "lock {path} was taken over by {by} after it expired under this run (slow requests); \
-         stopped this key without writing — the next run re-reads it"
+        "lock {path} is no longer this run's ({by}); stopped this key without writing — the \
+         next run re-reads it"
     )]
     Lost { path: String, by: String },
     #[error("lock {path}: {source}")]
@@ -230,15 +230,17 @@ impl KeyLock {
                     return Err(LockError::Lost {
                         path: self.path.clone(),
                         by: match entry_of(&e.data).0 {
-                            "" => "another run (since released)".to_string(),
-                            h => h.to_string(),
+                            "" => "it expired under slow requests; another run took it over \
+                                   and has released it since"
+                                .to_string(),
+                            h => format!("it expired under slow requests and {h} took it over"),
                         },
                     })
                 }
                 None => {
                     return Err(LockError::Lost {
                         path: self.path.clone(),
-                        by: "an operator (the lock entry was deleted)".into(),
+                        by: "someone deleted the lock entry".into(),
                     })
                 }
             }

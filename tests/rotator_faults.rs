@@ -215,10 +215,10 @@ fn no_trim_is_decided_when_the_read_after_a_retire_fails() {
 
 /// Issue 7 item 4: a holder whose requests are slow keeps working past its lock's expiry. Once
 /// another process took the expired lock over and rotated, the slow holder must not write: no
-/// key is rotated twice. Process A goes through a proxy: its lock write's answer comes late,
-/// then its reads under the lock stall (timeouts) or answer late, so its last read happens
-/// before its lock expires but its rotate would come well after; B runs against Vault directly
-/// as soon as A's lock has expired, and rotates.
+/// key is rotated twice. Process A goes through a proxy that makes its requests time out or
+/// come late (each under the timeout), so its last read happens before its lock expires but
+/// its next write would reach Vault well after; B runs against Vault directly as soon as A's
+/// lock has expired, and rotates. A must stop (its renewal finds the lock taken over).
 #[test]
 fn a_holder_whose_lock_expired_under_it_never_writes() {
     let bao = Bao::shared();
@@ -235,26 +235,30 @@ fn a_holder_whose_lock_expired_under_it_never_writes() {
     let at = plus(t0, 2 * 86_400);
 
     let proxy = FaultProxy::start(&bao.addr);
-    // Under the 4 s timeout: these answers arrive, late.
-    let late = Fault::DelayAnswer(Duration::from_millis(3200));
+    // Under the 4 s timeout: these requests or their answers are late, but arrive.
+    let late_answer = Fault::DelayAnswer(Duration::from_millis(3200));
+    let late = Fault::Delay(Duration::from_millis(3200));
     let pass = Fault::Delay(Duration::ZERO);
     let lock = format!("/v1/secret/data/keyroll/locks/transit/{name}");
     let record = format!("/v1/secret/data/keyroll/keys/transit/{name}");
     let key = transit(&name, "");
-    let rule =
-        |m: &str, path: &str, f: &Fault| proxy.add(Rule::new(Some(m), path, f.clone(), Some(1)));
-    // A's timeline (s after its lock write): lock answer 3.2; under the lock, attempt 1: key
-    // read times out (7.2); attempt 2: key read late, record read times out (14.4); attempt 3:
-    // key read (done at 14.4, before the lock expires at 15-16), answer and record read late
-    // (20.8); only then would it write.
-    rule("POST", &lock, &late);
-    rule("GET", &key, &pass); // planning
-    rule("GET", &key, &Fault::Stall);
-    rule("GET", &key, &late);
-    rule("GET", &key, &late);
-    rule("GET", &record, &pass); // planning
-    rule("GET", &record, &Fault::Stall);
-    rule("GET", &record, &late);
+    let rule = |m: &str, path: &str, f: &Fault, n: usize| {
+        proxy.add(Rule::new(Some(m), path, f.clone(), Some(n)))
+    };
+    // A's timeline, in seconds after it sends its lock write (the lock expires 15-16 s later):
+    // the lock write's answer arrives at 3.2; under the lock, two key reads time out (11.2 +
+    // pauses); the third key read is done by Vault at ~11.5 — before the lock expires, so it
+    // shows v1 — but its answer and the record read's come late (~17.9); A's next write (a
+    // lock renewal now, the rotate before the fix) is held 3.2 s more before it reaches Vault
+    // (~21). B, started once the lock has expired, has ~5 s to take it over and rotate.
+    rule("POST", &lock, &late_answer, 1);
+    rule("POST", &lock, &late, 1);
+    rule("GET", &key, &pass, 1); // planning
+    rule("GET", &key, &Fault::Stall, 2);
+    rule("GET", &key, &late_answer, 1);
+    rule("GET", &record, &pass, 1); // planning
+    rule("GET", &record, &late_answer, 1);
+    rule("POST", &transit(&name, "/rotate"), &late, 1);
 
     let a = keyroll_via(bao, &proxy.addr, &p.path)
         .args(["apply", "--at", &at.to_string()])
