@@ -52,8 +52,10 @@ impl Write {
 fn key_due_for(bao: &Bao, write: Write) -> (String, PolicyFile, jiff::Timestamp) {
     let name = unique(&format!("due-{write:?}").to_lowercase());
     let p = PolicyFile::new("");
+    // A short timeout, so that a write whose answer is held back times out quickly.
     p.write(&format!(
-        "[[keys]]\nname = \"{name}\"\ntype = \"aes256-gcm96\"\nrotate_every = \"1d\"\n{}{}",
+        "[vault]\ntimeout = \"2s\"\n[state]\nlock_ttl = \"8s\"\n\
+         [[keys]]\nname = \"{name}\"\ntype = \"aes256-gcm96\"\nrotate_every = \"1d\"\n{}{}",
         match write {
             Write::Rotate => "",
             _ => "keep_versions = 1\ndispose_after = \"10s\"\n",
@@ -77,15 +79,17 @@ fn key_due_for(bao: &Bao, write: Write) -> (String, PolicyFile, jiff::Timestamp)
     }
 }
 
-/// Issue 7 item 12: Vault applied a rotate/config/trim but keyroll saw a 500 or a connection
-/// reset. The audit log and `apply -o json` must list exactly what Vault shows happened, with
-/// the version Vault reports, once; the write is not repeated.
+/// Issue 7 item 12: Vault applied a rotate/config/trim but keyroll saw a 500, a connection
+/// reset or a timeout. The audit log and `apply -o json` must list exactly what Vault shows
+/// happened, with the version Vault reports, once; the write is not repeated.
 #[test]
 fn writes_vault_applied_despite_an_error_answer_are_audited_exactly_once() {
     let bao = Bao::shared();
     let faults = [
         Fault::ForwardThenStatus(500, "internal error".into()),
         Fault::ResetMidResponse,
+        // Applied at once, answered after the 2 s timeout.
+        Fault::DelayAnswer(Duration::from_secs(3)),
     ];
     for write in [Write::Rotate, Write::Retire, Write::Dispose] {
         for fault in &faults {
