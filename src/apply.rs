@@ -2,8 +2,27 @@
 //! reports what happened as events.
 //!
 //! Per key it is a small reconcile loop (see kube-runtime's controller): take the lock, read
-//! state fresh, plan, act; after any ambiguous failure (5xx, timeout) read again and re-plan
-//! rather than retrying the same write, because a "failed" rotate may have been applied.
+//! state fresh, plan, carry out the *first* action, read again, report what Vault shows changed,
+//! plan again — until nothing is left. So:
+//! - every decision is made on a read taken after the previous write (nothing is retired or
+//!   trimmed on a state that a write since may have changed);
+//! - the events and `apply -o json` list what the re-read shows happened, with Vault's own
+//!   versions, whatever the write's answer was: a 500, a timeout or a reset can hide an applied
+//!   write, which is then reported once and never repeated; a write Vault did not apply is
+//!   decided again from the fresh read;
+//! - the lock is fenced (renewed by check-and-set) before every write, and a lost lock stops the
+//!   key before it writes again.
+//!
+//! Each key's outcome is a value ([`KeyOutcome`]), handed to the caller as soon as the key is
+//! done (so the audit log gets it even if a later key hangs or the process is killed).
+//!
+//! This module holds the run (reading and planning every key, handing out outcomes) and the
+//! report types; `reconcile` the per-key loop, `actions` one small function per action,
+//! `settle` what a write changed.
+
+mod actions;
+mod reconcile;
+mod settle;
 
 use std::time::Duration;
 
@@ -13,18 +32,28 @@ use serde::Serialize;
 use tokio::sync::watch;
 use tracing::Instrument;
 
+use reconcile::{locked, Decision, Progress, Target};
+
 use crate::events::{Event, EventKind};
 use crate::lock::{self, LockError};
-use crate::observe::{observe_all, observe_key, read_record, write_record};
+use crate::observe::observe_all;
 use crate::planner::{plan_key, Action, KeyPlan};
 use crate::policy::{KeyPolicy, Policy, StateSettings};
-use crate::state::Observation;
-use crate::vault::transit::NewKey;
+use crate::state::{KeyView, Observation};
 use crate::vault::{Vault, VaultError};
 use crate::KeyName;
 
-/// How many times one key is re-read and re-planned after ambiguous failures.
+/// Unclear answers (5xx, timeout, broken connection) one key may get in a run: that many to
+/// reads, and as many to writes. After an unclear write keyroll reads again and decides again.
 pub const MAX_ATTEMPTS: u32 = 3;
+/// Actions one key may take in a run. A key needs at most a handful (record, rotate, retire,
+/// record, dispose); more means the state keeps changing under keyroll, so it stops and says so.
+pub const MAX_STEPS: u32 = 12;
+/// Pause before reading again after an unclear answer (colliding writes in OpenBao clear up in
+/// moments); doubles per unclear answer up to [`MAX_RETRY_PAUSE`], plus up to half again of
+/// jitter.
+pub const FIRST_RETRY_PAUSE: Duration = Duration::from_millis(100);
+pub const MAX_RETRY_PAUSE: Duration = Duration::from_secs(2);
 
 /// Why a key could not be handled: the class decides the exit status.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
@@ -34,7 +63,7 @@ pub enum FailureClass {
     Unavailable,
     /// The token lacks a capability.
     Denied,
-    /// Anything else (bad answer, missing key, lock busy).
+    /// Anything else (bad answer, missing key, lock busy or lost).
     Other,
 }
 
@@ -48,6 +77,34 @@ impl FailureClass {
             FailureClass::Other
         }
     }
+
+    pub fn of_lock(e: &LockError) -> Self {
+        e.vault_error().map_or(FailureClass::Other, Self::of)
+    }
+}
+
+/// One action carried out (or, in a dry run, planned), as `apply -o json` lists it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct Done {
+    #[serde(flatten)]
+    pub action: Action,
+    /// The version Vault shows afterwards: the new latest (create, rotate) or the new minimum
+    /// (retire: `min_decryption_version`, dispose: `min_available_version`).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub version: Option<u32>,
+    /// Vault's error answer to the write, when the re-read showed it applied anyway.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub answered: Option<String>,
+}
+
+impl Done {
+    fn planned(action: Action) -> Self {
+        Done {
+            action,
+            version: None,
+            answered: None,
+        }
+    }
 }
 
 /// What happened to one key.
@@ -56,7 +113,7 @@ pub struct KeyOutcome {
     pub key: String,
     pub mount: String,
     /// Actions carried out (or, in a dry run, that would be).
-    pub actions: Vec<Action>,
+    pub actions: Vec<Done>,
     #[serde(skip_serializing_if = "Vec::is_empty")]
     pub drift: Vec<String>,
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -66,6 +123,37 @@ pub struct KeyOutcome {
     /// Whether the key was skipped because shutdown was requested.
     #[serde(skip_serializing_if = "std::ops::Not::not")]
     pub skipped: bool,
+    /// Events for the audit log and notifiers, in the order they happened.
+    #[serde(skip)]
+    pub events: Vec<Event>,
+}
+
+impl KeyOutcome {
+    fn new(mount: &str, name: &KeyName) -> Self {
+        KeyOutcome {
+            key: name.to_string(),
+            mount: mount.to_string(),
+            actions: Vec::new(),
+            drift: Vec::new(),
+            error: None,
+            failure: None,
+            skipped: false,
+            events: Vec::new(),
+        }
+    }
+
+    fn event(&mut self, run_id: &str, kind: EventKind, now: Timestamp, msg: String) -> &mut Event {
+        self.events
+            .push(Event::new(run_id, kind, now, msg).for_key(&self.mount, &self.key));
+        self.events.last_mut().expect("just pushed")
+    }
+
+    /// Marks the key failed (one `failed` event).
+    fn fail(&mut self, run_id: &str, now: Timestamp, class: FailureClass, msg: String) {
+        self.event(run_id, EventKind::Failed, now, msg.clone());
+        self.error = Some(msg);
+        self.failure = Some(class);
+    }
 }
 
 /// The result of one `apply`.
@@ -74,8 +162,6 @@ pub struct ApplyReport {
     pub run_id: String,
     pub dry_run: bool,
     pub keys: Vec<KeyOutcome>,
-    #[serde(skip)]
-    pub events: Vec<Event>,
 }
 
 impl ApplyReport {
@@ -84,6 +170,10 @@ impl ApplyReport {
     }
     pub fn has_drift(&self) -> bool {
         self.keys.iter().any(|k| !k.drift.is_empty())
+    }
+    /// Every key's events, in key order.
+    pub fn events(&self) -> impl Iterator<Item = &Event> {
+        self.keys.iter().flat_map(|k| k.events.iter())
     }
 }
 
@@ -97,24 +187,40 @@ pub struct ApplyOptions {
     pub run_id: String,
 }
 
+impl ApplyOptions {
+    /// Options for a run of `policy`: a fresh holder id and run id, and a lock wait long enough
+    /// for a crashed holder's lock to expire (`lock_ttl` + [`lock::LOCK_WAIT_MARGIN`]).
+    pub fn for_policy(policy: &Policy, dry_run: bool) -> Self {
+        ApplyOptions {
+            dry_run,
+            holder: lock::holder_id(),
+            lock_wait: policy
+                .state
+                .lock_ttl
+                .std()
+                .saturating_add(lock::LOCK_WAIT_MARGIN),
+            run_id: crate::events::new_run_id(),
+        }
+    }
+}
+
 /// Source of "now"; a function so tests and `--at` can pin it.
 pub type Clock = dyn Fn() -> Timestamp + Send + Sync;
 
 /// Plans every key from one fresh concurrent read (what `plan` and `apply --dry-run` show).
-pub async fn plan_all(
+pub async fn plan_all<'p>(
     vault: &Vault,
-    policy: &Policy,
+    policy: &'p Policy,
     now: Timestamp,
-) -> Vec<(KeyPolicy, Result<(Observation, KeyPlan), VaultError>)> {
+) -> Vec<(&'p KeyPolicy, Result<(Observation, KeyPlan), VaultError>)> {
     let obs = observe_all(vault, &policy.state, &policy.keys, policy.run.concurrency).await;
     policy
         .keys
         .iter()
-        .cloned()
         .zip(obs)
         .map(|(k, o)| {
             let r = o.map(|o| {
-                let p = plan_key(&k, &o, now);
+                let p = plan_key(k, &o, now);
                 (o, p)
             });
             (k, r)
@@ -122,426 +228,267 @@ pub async fn plan_all(
         .collect()
 }
 
+/// What the executor needs for every key of a run.
+struct Ctx<'a> {
+    vault: &'a Vault,
+    state: &'a StateSettings,
+    opts: &'a ApplyOptions,
+    clock: &'a Clock,
+}
+
+impl Ctx<'_> {
+    fn now(&self) -> Timestamp {
+        (self.clock)()
+    }
+    fn run_id(&self) -> &str {
+        &self.opts.run_id
+    }
+}
+
 /// Applies the policy: reads everything concurrently, then handles each key that has work,
 /// `run.concurrency` keys at a time, each under its own lock. Stops starting new keys once
-/// `shutdown` turns true (the key in progress finishes).
+/// `shutdown` turns true (the key in progress finishes). `on_key` gets each key's outcome as
+/// soon as it is known (in policy order), e.g. to append its events to the audit log.
 pub async fn apply(
     vault: &Vault,
     policy: &Policy,
     opts: &ApplyOptions,
     clock: &Clock,
     shutdown: &watch::Receiver<bool>,
+    on_key: &mut dyn FnMut(&KeyOutcome),
 ) -> ApplyReport {
+    let ctx = Ctx {
+        vault,
+        state: &policy.state,
+        opts,
+        clock,
+    };
     let planned = plan_all(vault, policy, clock()).await;
-    let work = planned.into_iter().map(|(k, r)| async move {
-        let mut out = KeyOutcome {
-            key: k.name.to_string(),
-            mount: k.mount.clone(),
-            actions: Vec::new(),
-            drift: Vec::new(),
-            error: None,
-            failure: None,
-            skipped: false,
-        };
-        let mut events = Vec::new();
-        match r {
-            Err(e) => fail(&mut out, &mut events, opts, clock(), &e),
-            Ok((_, plan)) if !plan.drift.is_empty() => {
-                out.drift = plan.drift;
-                if !opts.dry_run {
-                    events.push(
-                        Event::new(
-                            &opts.run_id,
-                            EventKind::Drift,
-                            clock(),
-                            out.drift.join("; "),
-                        )
-                        .for_key(&k.mount, k.name.as_str()),
-                    );
-                }
-            }
-            Ok((_, plan)) if plan.actions.is_empty() => {}
-            Ok((_, plan)) if opts.dry_run => out.actions = plan.actions,
-            Ok(_) if *shutdown.borrow() => out.skipped = true,
-            Ok(_) => {
-                let span = tracing::info_span!("key", key = %k.name, mount = %k.mount);
-                converge_key(vault, policy, &k, opts, clock, &mut out, &mut events)
-                    .instrument(span)
-                    .await
-            }
-        }
-        (out, events)
-    });
-    let results: Vec<(KeyOutcome, Vec<Event>)> = futures::stream::iter(work)
-        .buffered(policy.run.concurrency.max(1))
-        .collect()
-        .await;
-    let mut report = ApplyReport {
+    let ctx = &ctx;
+    let work = planned
+        .into_iter()
+        .map(|(k, r)| async move { key_work(ctx, k, r, shutdown).await });
+    let mut outcomes = futures::stream::iter(work).buffered(policy.run.concurrency.max(1));
+    let mut keys = Vec::with_capacity(policy.keys.len());
+    while let Some(o) = outcomes.next().await {
+        on_key(&o);
+        keys.push(o);
+    }
+    ApplyReport {
         run_id: opts.run_id.clone(),
         dry_run: opts.dry_run,
-        keys: Vec::with_capacity(results.len()),
-        events: Vec::new(),
-    };
-    for (o, ev) in results {
-        report.keys.push(o);
-        report.events.extend(ev);
+        keys,
     }
-    report
 }
 
-fn fail(
-    out: &mut KeyOutcome,
-    events: &mut Vec<Event>,
-    opts: &ApplyOptions,
-    now: Timestamp,
-    e: &VaultError,
-) {
-    out.error = Some(e.to_string());
-    out.failure = Some(FailureClass::of(e));
-    events.push(
-        Event::new(&opts.run_id, EventKind::Failed, now, e.to_string())
-            .for_key(&out.mount, &out.key),
-    );
-}
-
-/// Lock, re-read, re-plan, act; repeat after ambiguous failures.
-async fn converge_key(
-    vault: &Vault,
-    policy: &Policy,
+/// One key of a run, from its planning read.
+async fn key_work(
+    ctx: &Ctx<'_>,
     k: &KeyPolicy,
-    opts: &ApplyOptions,
-    clock: &Clock,
-    out: &mut KeyOutcome,
-    events: &mut Vec<Event>,
-) {
-    let held = match lock::acquire(
-        vault,
-        &policy.state,
-        &k.mount,
-        &k.name,
-        &opts.holder,
-        opts.lock_wait,
-    )
-    .await
-    {
-        Ok(l) => l,
-        Err(LockError::Vault { source, .. }) => return fail(out, events, opts, clock(), &source),
-        Err(e @ LockError::Busy { .. }) => {
-            out.error = Some(e.to_string());
-            out.failure = Some(FailureClass::Other);
-            events.push(
-                Event::new(&opts.run_id, EventKind::Failed, clock(), e.to_string())
-                    .for_key(&k.mount, k.name.as_str()),
-            );
-            return;
-        }
-    };
-    for attempt in 1..=MAX_ATTEMPTS {
-        let obs = match observe_key(vault, &policy.state, k).await {
-            Ok(o) => o,
-            Err(e) if e.is_ambiguous() && attempt < MAX_ATTEMPTS => continue,
-            Err(e) => {
-                fail(out, events, opts, clock(), &e);
-                break;
+    planned: Result<(Observation, KeyPlan), VaultError>,
+    shutdown: &watch::Receiver<bool>,
+) -> KeyOutcome {
+    let mut out = KeyOutcome::new(&k.mount, &k.name);
+    match planned {
+        Err(e) => out.fail(ctx.run_id(), ctx.now(), FailureClass::of(&e), e.to_string()),
+        Ok((_, plan)) if !plan.drift.is_empty() => {
+            if !ctx.opts.dry_run {
+                out.event(
+                    ctx.run_id(),
+                    EventKind::Drift,
+                    ctx.now(),
+                    plan.drift.join("; "),
+                );
             }
-        };
-        let plan = plan_key(k, &obs, clock());
-        if !plan.drift.is_empty() {
             out.drift = plan.drift;
-            break;
         }
-        match execute(vault, policy, k, &plan.actions, opts, clock, out, events).await {
-            Ok(()) => break,
-            Err(e) if e.is_ambiguous() && attempt < MAX_ATTEMPTS => {
-                tracing::warn!(error = %e, attempt, "ambiguous failure; re-reading state before deciding again");
-            }
-            Err(e) => {
-                fail(out, events, opts, clock(), &e);
-                break;
-            }
+        Ok((_, plan)) if plan.actions.is_empty() => {}
+        Ok((_, plan)) if ctx.opts.dry_run => {
+            out.actions = plan.actions.into_iter().map(Done::planned).collect()
+        }
+        Ok(_) if *shutdown.borrow() => out.skipped = true,
+        Ok(_) => {
+            let span = tracing::info_span!("key", key = %k.name, mount = %k.mount);
+            out = converge_key(ctx, k).instrument(span).await;
         }
     }
-    held.release().await;
+    out
 }
 
-#[allow(clippy::too_many_arguments)]
-async fn execute(
-    vault: &Vault,
-    policy: &Policy,
-    k: &KeyPolicy,
-    actions: &[Action],
-    opts: &ApplyOptions,
-    clock: &Clock,
-    out: &mut KeyOutcome,
-    events: &mut Vec<Event>,
-) -> Result<(), VaultError> {
-    let (m, n) = (k.mount.as_str(), &k.name);
-    let ev = |kind, msg: &str| Event::new(&opts.run_id, kind, clock(), msg).for_key(m, n.as_str());
-    for a in actions {
-        match a {
-            Action::Create {
-                key_type,
-                exportable,
-                key_size,
-                reason,
-            } => {
-                vault
-                    .create_key(
-                        m,
-                        n,
-                        &NewKey {
-                            key_type: key_type.as_str(),
-                            exportable: *exportable,
-                            key_size: *key_size,
-                        },
-                    )
-                    .await?;
-                tracing::info!(action = "create", reason = %reason, "key created");
-                events.push(ev(EventKind::Created, reason).version(1));
-                if *key_type == crate::KeyType::Hmac {
-                    record(
-                        vault,
-                        &policy.state,
-                        (m, n),
-                        |r, now| {
-                            r.created.insert(1, now);
-                        },
-                        clock,
-                    )
-                    .await?;
-                }
-            }
-            Action::RecordCreated { versions, reason } => {
-                record(
-                    vault,
-                    &policy.state,
-                    (m, n),
-                    |r, now| stamp(&mut r.created, versions.iter().copied(), now),
-                    clock,
-                )
-                .await?;
-                events.push(ev(
-                    EventKind::Recorded,
-                    &format!("creation time of {versions:?}: {reason}"),
-                ));
-            }
-            Action::Rotate {
-                from_version,
-                reason,
-            } => {
-                vault.rotate_key(m, n).await?;
-                let latest = vault
-                    .read_key(m, n)
-                    .await?
-                    .map(|k| k.latest_version)
-                    .unwrap_or(from_version + 1);
-                tracing::info!(action = "rotate", from = from_version, to = latest, reason = %reason, "key rotated");
-                events.push(ev(EventKind::Rotated, reason).version(latest));
-                if k.key_type == crate::KeyType::Hmac {
-                    record(
-                        vault,
-                        &policy.state,
-                        (m, n),
-                        |r, now| {
-                            r.created.insert(latest, now);
-                        },
-                        clock,
-                    )
-                    .await?;
-                }
-            }
-            Action::Retire {
-                previous,
-                min_decryption_version: to,
-                raise_min_encryption_version,
-                reason,
-            } => {
-                vault
-                    .configure_key(m, n, Some(*to), *raise_min_encryption_version)
-                    .await?;
-                tracing::info!(action = "retire", from = previous, to, reason = %reason, "versions retired");
-                events.push(ev(EventKind::Retired, reason).version(*to));
-                let from = (*previous).max(1);
-                record(
-                    vault,
-                    &policy.state,
-                    (m, n),
-                    |r, now| stamp(&mut r.retired, from..*to, now),
-                    clock,
-                )
-                .await?;
-            }
-            Action::RecordRetired { versions, reason } => {
-                record(
-                    vault,
-                    &policy.state,
-                    (m, n),
-                    |r, now| stamp(&mut r.retired, versions.iter().copied(), now),
-                    clock,
-                )
-                .await?;
-                events.push(ev(
-                    EventKind::Recorded,
-                    &format!("retirement of {versions:?}: {reason}"),
-                ));
-            }
-            Action::Dispose {
-                previous,
-                min_available_version: to,
-                raise_min_encryption_version,
-                reason,
-            } => {
-                if let Some(enc) = raise_min_encryption_version {
-                    vault.configure_key(m, n, None, Some(*enc)).await?;
-                }
-                vault.trim_key(m, n, *to).await?;
-                tracing::info!(action = "dispose", from = previous, to, reason = %reason, "versions trimmed");
-                events.push(ev(EventKind::Disposed, reason).version(*to));
-                record(
-                    vault,
-                    &policy.state,
-                    (m, n),
-                    |r, _| {
-                        r.created.retain(|v, _| v >= to);
-                        r.retired.retain(|v, _| v >= to);
-                    },
-                    clock,
-                )
-                .await?;
-            }
-        }
-        out.actions.push(a.clone());
+/// The policy planner's next action for a key, given what this run already did.
+fn next_action(k: &KeyPolicy, obs: &Observation, now: Timestamp, done: Progress) -> Decision {
+    let plan = plan_key(k, obs, now);
+    if !plan.drift.is_empty() {
+        return Decision::Drift(plan.drift);
     }
-    Ok(())
+    plan.actions
+        .into_iter()
+        .find(|a| !(done.new_version && matches!(a, Action::Rotate { .. })))
+        .map_or(Decision::Done, Decision::Act)
 }
 
-/// Records `now` for each version that has no time yet (first record wins: times only ever
-/// make disposal and rotation later, never earlier).
-fn stamp(
-    times: &mut std::collections::BTreeMap<u32, Timestamp>,
-    versions: impl IntoIterator<Item = u32>,
-    now: Timestamp,
-) {
-    for v in versions {
-        times.entry(v).or_insert(now);
-    }
-}
-
-/// Read-modify-write of keyroll's record for `k` (we hold the key's lock).
-async fn record(
-    vault: &Vault,
-    state: &StateSettings,
-    (mount, name): (&str, &KeyName),
-    change: impl FnOnce(&mut crate::state::KeyRecord, Timestamp),
-    clock: &Clock,
-) -> Result<(), VaultError> {
-    let (mut rec, version) = read_record(vault, state, mount, name).await?;
-    change(&mut rec, clock());
-    write_record(vault, state, mount, name, &rec, version)
-        .await
-        .map(drop)
+/// Lock, then reconcile the key with the policy's planner; release.
+async fn converge_key(ctx: &Ctx<'_>, k: &KeyPolicy) -> KeyOutcome {
+    let target = Target {
+        mount: &k.mount,
+        name: &k.name,
+    };
+    let mut decide =
+        |obs: &Observation, now: Timestamp, done: Progress| Ok(next_action(k, obs, now, done));
+    let wants_record =
+        |key: &crate::vault::transit::TransitKey| crate::observe::needs_record(k, key);
+    locked(ctx, target, &wants_record, &mut decide).await
 }
 
 /// On-demand rotation (`keyroll rotate KEY`), optionally retiring every earlier version at once
-/// (suspected compromise). The key must exist; nothing is created.
+/// (suspected compromise), under the key's lock with the same read–write–read loop as `apply`.
+/// The key must exist; nothing is created. Disposal then follows the policy's `dispose_after`.
 pub async fn rotate_now(
     vault: &Vault,
     state: &StateSettings,
-    (m, n): (&str, &KeyName),
+    (mount, name): (&str, &KeyName),
     retire_previous: bool,
     opts: &ApplyOptions,
     clock: &Clock,
-) -> Result<(u32, Vec<Event>), RotateError> {
-    let held = lock::acquire(vault, state, m, n, &opts.holder, opts.lock_wait)
-        .await
-        .map_err(RotateError::Lock)?;
-    let result = async {
-        let before = vault
-            .read_key(m, n)
-            .await?
-            .ok_or_else(|| VaultError::NotFound {
-                path: format!("{m}/keys/{n}"),
+) -> KeyOutcome {
+    let ctx = Ctx {
+        vault,
+        state,
+        opts,
+        clock,
+    };
+    let target = Target { mount, name };
+    let mut start: Option<u32> = None;
+    let mut decide = |obs: &Observation, _now: Timestamp, _done: Progress| {
+        let Observation::Present { key, .. } = obs else {
+            return Err(VaultError::NotFound {
+                path: format!("{mount}/keys/{name}"),
                 message: "key does not exist; nothing was changed (create it with `keyroll apply`)"
                     .into(),
-            })?;
-        let mut events = Vec::new();
-        let ev =
-            |kind, msg: String| Event::new(&opts.run_id, kind, clock(), msg).for_key(m, n.as_str());
-        // An ambiguous failure may still have rotated: re-read instead of rotating twice.
-        match vault.rotate_key(m, n).await {
-            Ok(()) => {}
-            Err(e) if e.is_ambiguous() => {
-                tracing::warn!(error = %e, "ambiguous failure on rotate; re-reading");
-            }
-            Err(e) => return Err(e),
-        }
-        let after = vault
-            .read_key(m, n)
-            .await?
-            .ok_or_else(|| VaultError::NotFound {
-                path: format!("{m}/keys/{n}"),
-                message: "key vanished during rotation".into(),
-            })?;
-        if after.latest_version <= before.latest_version {
-            return Err(VaultError::BadResponse {
-                path: format!("{m}/keys/{n}/rotate"),
-                reason: "Vault accepted the rotation but latest_version did not advance".into(),
             });
-        }
-        let latest = after.latest_version;
-        events.push(
-            ev(
-                EventKind::Rotated,
-                format!("on demand: v{} → v{latest}", before.latest_version),
-            )
-            .version(latest),
-        );
-        if after.key_type == "hmac" {
-            record(
-                vault,
-                state,
-                (m, n),
-                |r, now| {
-                    r.created.insert(latest, now);
-                },
-                clock,
-            )
-            .await?;
-        }
-        if retire_previous && after.min_decryption_version < latest {
-            let enc = (after.min_encryption_version != 0).then_some(latest);
-            vault.configure_key(m, n, Some(latest), enc).await?;
-            let from = after.min_decryption_version.max(1);
-            events.push(
-                ev(
-                    EventKind::Retired,
-                    format!(
-                        "on demand (--retire-previous): v{from}–v{} no longer usable",
-                        latest - 1
-                    ),
-                )
-                .version(latest),
-            );
-            record(
-                vault,
-                state,
-                (m, n),
-                |r, now| stamp(&mut r.retired, from..latest, now),
-                clock,
-            )
-            .await?;
-        }
-        Ok((latest, events))
-    }
-    .await;
-    held.release().await;
-    result.map_err(RotateError::Vault)
+        };
+        Ok(on_demand(
+            *start.get_or_insert(key.latest_version),
+            key,
+            retire_previous,
+        ))
+    };
+    locked(&ctx, target, &|_| false, &mut decide).await
 }
 
-#[derive(Debug, thiserror::Error)]
-pub enum RotateError {
-    #[error(transparent)]
-    Lock(LockError),
-    #[error(transparent)]
-    Vault(VaultError),
+/// The next step of an on-demand rotation that started at `start`: rotate once, then (with
+/// `--retire-previous`) retire everything below the new latest.
+fn on_demand(
+    start: u32,
+    key: &crate::vault::transit::TransitKey,
+    retire_previous: bool,
+) -> Decision {
+    let latest = key.latest_version;
+    if latest == start {
+        return Decision::Act(Action::Rotate {
+            from_version: start,
+            reason: format!("on demand: v{start} → a new version"),
+        });
+    }
+    if retire_previous && key.min_usable() < latest {
+        return Decision::Act(Action::Retire {
+            previous: key.min_decryption_version,
+            min_decryption_version: latest,
+            raise_min_encryption_version: (key.min_encryption_version != 0
+                && key.min_encryption_version < latest)
+                .then_some(latest),
+            reason: format!(
+                "on demand (--retire-previous): v{}–v{} no longer usable",
+                key.min_usable(),
+                latest - 1
+            ),
+        });
+    }
+    Decision::Done
+}
+
+#[cfg(test)]
+mod tests {
+    use std::collections::BTreeMap;
+
+    use super::*;
+    use crate::duration::Span;
+    use crate::policy::Retention;
+    use crate::state::KeyRecord;
+    use crate::vault::transit::TransitKey;
+    use crate::KeyType;
+
+    fn t(secs: i64) -> Timestamp {
+        Timestamp::from_second(1_800_000_000 + secs).unwrap()
+    }
+
+    fn key(latest: u32, min_dec: u32) -> TransitKey {
+        TransitKey {
+            name: "k".into(),
+            key_type: "aes256-gcm96".into(),
+            exportable: false,
+            deletion_allowed: false,
+            latest_version: latest,
+            min_decryption_version: min_dec,
+            min_encryption_version: 0,
+            min_available_version: 0,
+            versions: (min_dec.max(1)..=latest).map(|v| (v, t(0))).collect(),
+            public_keys: BTreeMap::new(),
+        }
+    }
+
+    fn policy() -> KeyPolicy {
+        KeyPolicy {
+            name: KeyName::new("k").unwrap(),
+            mount: "transit".into(),
+            key_type: KeyType::Aes256Gcm96,
+            exportable: false,
+            key_size: None,
+            rotate_every: Span::from_secs(10),
+            retention: Retention {
+                keep_versions: Some(1),
+                ..Default::default()
+            },
+            line: 1,
+        }
+    }
+
+    fn verb(d: Decision) -> &'static str {
+        match d {
+            Decision::Done => "done",
+            Decision::Drift(_) => "drift",
+            Decision::Act(a) => a.verb(),
+        }
+    }
+
+    #[test]
+    fn one_new_version_per_key_per_run_however_overdue() {
+        // Every version is "old" at t(1000): the planner would rotate again after each rotation.
+        let obs = Observation::present(key(1, 1), KeyRecord::default());
+        let fresh = Progress::default();
+        assert_eq!(verb(next_action(&policy(), &obs, t(1000), fresh)), "rotate");
+        let rotated = Progress { new_version: true };
+        let obs = Observation::present(key(2, 1), KeyRecord::default());
+        // After the run's rotation: retire what it superseded, but no second rotation.
+        assert_eq!(
+            verb(next_action(&policy(), &obs, t(1000), rotated)),
+            "retire"
+        );
+        let obs = Observation::present(key(2, 2), KeyRecord::default());
+        assert_eq!(verb(next_action(&policy(), &obs, t(1000), rotated)), "done");
+    }
+
+    #[test]
+    fn on_demand_rotates_once_then_retires_everything_below() {
+        assert_eq!(verb(on_demand(3, &key(3, 1), true)), "rotate");
+        assert_eq!(verb(on_demand(3, &key(4, 1), false)), "done");
+        match on_demand(3, &key(4, 1), true) {
+            Decision::Act(Action::Retire {
+                min_decryption_version,
+                ..
+            }) => assert_eq!(min_decryption_version, 4),
+            _ => panic!("expected a retire"),
+        }
+        assert_eq!(verb(on_demand(3, &key(4, 4), true)), "done");
+    }
 }

@@ -1,29 +1,28 @@
-//! Config sections both binaries share (`[vault]`, `[audit]`, `[notify]`) and the error type
-//! every config loader returns.
+//! Config sections both binaries share (`[vault]`, `[audit]`, `[notify]`), the error type
+//! every config loader returns, and the helpers that put a line number on every error.
 //!
 //! Raw shapes here are the serde half of the two-stage load; each has a `from_raw` that turns
 //! it into a validated settings type or a `(field, reason)` pair that the loader decorates with
-//! the file name and line.
+//! the file name and line (`from_raw_at` also gives the byte span of the offending value, so
+//! the loader can name its exact line).
 
+use std::ops::Range;
 use std::path::{Path, PathBuf};
 
 use serde::Deserialize;
+use toml::Spanned;
 
+use crate::bounds::{
+    MAX_MAX_CLOCK_SKEW, MAX_NOTIFY_TIMEOUT, MAX_VAULT_TIMEOUT, MIN_MAX_CLOCK_SKEW,
+};
 use crate::duration::Span;
 
 /// Default HTTP timeout for every Vault request: keyroll never waits forever on Vault.
 pub const DEFAULT_VAULT_TIMEOUT_SECS: u64 = 30;
-/// Longest `[vault] timeout` accepted: a request that may hang longer is as bad as no timeout.
-pub const MAX_VAULT_TIMEOUT_SECS: u64 = 600;
 /// Default `[vault] max_clock_skew`: how far the local clock may be from Vault's (its `Date`
 /// header) before keyroll refuses to change anything. Schedules are days; 30 s is noise there,
 /// while a clock minutes off is a broken NTP worth stopping for.
 pub const DEFAULT_MAX_CLOCK_SKEW_SECS: u64 = 30;
-/// Smallest `max_clock_skew` accepted: `Date` has whole seconds and the request takes time, so
-/// the measurement itself is only good to about a second.
-pub const MIN_MAX_CLOCK_SKEW_SECS: u64 = 2;
-/// Largest `max_clock_skew` accepted (one hour): beyond that the check would mean nothing.
-pub const MAX_MAX_CLOCK_SKEW_SECS: u64 = 3600;
 /// Default timeout for a notifier (webhook POST, SMTP session).
 pub const DEFAULT_NOTIFY_TIMEOUT_SECS: u64 = 10;
 
@@ -36,11 +35,13 @@ pub enum ConfigError {
         #[source]
         source: std::io::Error,
     },
-    #[error("{}:{line}:{col}: {message}", path.display())]
+    #[error("{}:{line}: {field}: {message} (column {col})", path.display())]
     Syntax {
         path: PathBuf,
         line: usize,
         col: usize,
+        /// The dotted field the line belongs to (`keys.rotate_every`), or the table.
+        field: String,
         message: String,
     },
     #[error("{}{}: {field}: {reason}", path.display(), if *line > 0 { format!(":{line}") } else { String::new() })]
@@ -53,14 +54,17 @@ pub enum ConfigError {
 }
 
 impl ConfigError {
-    /// Turns a toml error into `file:line:col: message`, without echoing the source line (a
-    /// misplaced secret must not be printed back).
+    /// Turns a toml error into `file:line: field: message (column c)`, without echoing the
+    /// source line (a misplaced secret must not be printed back).
     pub fn from_toml(path: &Path, text: &str, e: toml::de::Error) -> Self {
-        let (line, col) = e.span().map(|s| line_col(text, s.start)).unwrap_or((0, 0));
+        let lines = LineIndex::new(text);
+        let offset = e.span().map(|s| s.start).unwrap_or(0);
+        let (line, col) = lines.line_col(offset);
         ConfigError::Syntax {
             path: path.to_path_buf(),
             line,
             col,
+            field: field_at(text, &lines, line),
             message: e.message().trim().replace('\n', " "),
         }
     }
@@ -74,12 +78,165 @@ pub fn read_file(path: &Path) -> Result<String, ConfigError> {
     })
 }
 
-/// 1-based line and column of a byte offset.
+/// 1-based line and column of a byte offset. Scans from the start: for one lookup; a loader
+/// that needs many uses a [`LineIndex`].
 pub fn line_col(text: &str, offset: usize) -> (usize, usize) {
-    let before = &text[..offset.min(text.len())];
-    let line = before.matches('\n').count() + 1;
-    let col = before.len() - before.rfind('\n').map(|i| i + 1).unwrap_or(0) + 1;
-    (line, col)
+    LineIndex::new(text).line_col(offset)
+}
+
+/// Byte offsets of line starts, built once per file, so each lookup is a binary search rather
+/// than a scan from the top (which made loading a policy quadratic in its keys).
+#[derive(Debug, Clone)]
+pub struct LineIndex {
+    starts: Vec<usize>,
+    len: usize,
+}
+
+impl LineIndex {
+    pub fn new(text: &str) -> Self {
+        let mut starts = vec![0];
+        starts.extend(
+            text.bytes()
+                .enumerate()
+                .filter(|(_, b)| *b == b'\n')
+                .map(|(i, _)| i + 1),
+        );
+        LineIndex {
+            starts,
+            len: text.len(),
+        }
+    }
+
+    /// 1-based line of a byte offset (offsets past the end count as the last line).
+    pub fn line(&self, offset: usize) -> usize {
+        self.line_col(offset).0
+    }
+
+    /// 1-based line and (byte) column of a byte offset.
+    pub fn line_col(&self, offset: usize) -> (usize, usize) {
+        let offset = offset.min(self.len);
+        let i = self.starts.partition_point(|s| *s <= offset).max(1) - 1;
+        (i + 1, offset - self.starts[i] + 1)
+    }
+
+    /// The text of 1-based `line` (without its newline).
+    fn text<'t>(&self, text: &'t str, line: usize) -> &'t str {
+        let start = self
+            .starts
+            .get(line.wrapping_sub(1))
+            .copied()
+            .unwrap_or(self.len);
+        let end = self
+            .starts
+            .get(line)
+            .map(|e| e.saturating_sub(1))
+            .unwrap_or(self.len);
+        text.get(start..end.max(start)).unwrap_or("")
+    }
+}
+
+/// The dotted field a line of a TOML file belongs to, for a syntax error's message: the table
+/// header in force (`[vault]`, `[[keys]]` → `keys`) joined with the key written on that line,
+/// if any. Only names are shown, never values. `(top level)` before any header.
+fn field_at(text: &str, lines: &LineIndex, line: usize) -> String {
+    let key_of = |l: &str| -> Option<String> {
+        let (k, _) = l.split_once('=')?;
+        let k = k.trim().trim_matches('"');
+        let plain = !k.is_empty()
+            && k.len() <= 64
+            && k.chars()
+                .all(|c| c.is_ascii_alphanumeric() || matches!(c, '_' | '-' | '.'));
+        plain.then(|| k.to_string())
+    };
+    let header_of = |l: &str| -> Option<String> {
+        let l = l.trim();
+        let inner = l
+            .strip_prefix("[[")
+            .and_then(|r| r.split("]]").next())
+            .or_else(|| l.strip_prefix('[').and_then(|r| r.split(']').next()))?;
+        let h = inner.trim();
+        let plain = !h.is_empty()
+            && h.len() <= 64
+            && h.chars()
+                .all(|c| c.is_ascii_alphanumeric() || matches!(c, '_' | '-' | '.'));
+        plain.then(|| h.to_string())
+    };
+    let this = lines.text(text, line);
+    if let Some(h) = header_of(this) {
+        return h;
+    }
+    let key = if this.trim_start().starts_with('[') {
+        None
+    } else {
+        key_of(this)
+    };
+    let header = (1..line).rev().find_map(|l| {
+        let t = lines.text(text, l);
+        t.trim_start()
+            .starts_with('[')
+            .then(|| header_of(t))
+            .flatten()
+    });
+    match (header, key) {
+        (Some(h), Some(k)) => format!("{h}.{k}"),
+        (Some(h), None) => h,
+        (None, Some(k)) => k,
+        (None, None) => "(top level)".into(),
+    }
+}
+
+/// A field that failed validation: its dotted name, why, and where its value sits in the file
+/// (when known), so the loader can name the line.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct FieldError {
+    pub field: &'static str,
+    pub reason: String,
+    pub span: Option<Range<usize>>,
+}
+
+impl FieldError {
+    pub fn new(field: &'static str, reason: impl Into<String>) -> Self {
+        FieldError {
+            field,
+            reason: reason.into(),
+            span: None,
+        }
+    }
+
+    pub fn at(mut self, span: Range<usize>) -> Self {
+        self.span = Some(span);
+        self
+    }
+
+    /// Into the `ConfigError` of `path`, on the line of its span (else `fallback_line`).
+    pub fn into_config(self, path: &Path, lines: &LineIndex, fallback_line: usize) -> ConfigError {
+        ConfigError::Invalid {
+            path: path.to_path_buf(),
+            line: self
+                .span
+                .map(|s| lines.line(s.start))
+                .unwrap_or(fallback_line),
+            field: self.field.to_string(),
+            reason: self.reason,
+        }
+    }
+}
+
+impl From<FieldError> for (&'static str, String) {
+    fn from(e: FieldError) -> Self {
+        (e.field, e.reason)
+    }
+}
+
+/// Parses a spanned duration string and checks it against `cap`.
+pub fn span_field(
+    field: &'static str,
+    value: &Spanned<String>,
+    cap: std::time::Duration,
+) -> Result<Span, FieldError> {
+    Span::parse(value.get_ref())
+        .and_then(|s| s.at_most(cap))
+        .map_err(|r| FieldError::new(field, r).at(value.span()))
 }
 
 fn resolve(base: &Path, p: PathBuf) -> PathBuf {
@@ -93,20 +250,20 @@ fn resolve(base: &Path, p: PathBuf) -> PathBuf {
 #[derive(Debug, Deserialize, Default, Clone)]
 #[serde(deny_unknown_fields)]
 pub struct RawVault {
-    address: Option<String>,
+    address: Option<Spanned<String>>,
     namespace: Option<String>,
     ca_cert: Option<PathBuf>,
-    timeout: Option<Span>,
+    timeout: Option<Spanned<String>>,
     allow_insecure_http: Option<bool>,
     token_file: Option<PathBuf>,
     approle: Option<RawAppRole>,
-    max_clock_skew: Option<Span>,
+    max_clock_skew: Option<Spanned<String>>,
 }
 
 #[derive(Debug, Deserialize, Default, Clone)]
 #[serde(deny_unknown_fields)]
 pub struct RawAppRole {
-    mount: Option<String>,
+    mount: Option<Spanned<String>>,
     role_id_file: Option<PathBuf>,
     secret_id_file: Option<PathBuf>,
 }
@@ -118,6 +275,7 @@ pub struct VaultSettings {
     pub address: Option<String>,
     pub namespace: Option<String>,
     pub ca_cert: Option<PathBuf>,
+    /// At most [`MAX_VAULT_TIMEOUT`].
     pub timeout: Option<Span>,
     pub allow_insecure_http: bool,
     pub token_file: Option<PathBuf>,
@@ -136,15 +294,36 @@ pub struct AppRoleSettings {
 
 impl VaultSettings {
     pub fn from_raw(raw: RawVault, base: &Path) -> Result<Self, (&'static str, String)> {
+        Self::from_raw_at(raw, base).map_err(Into::into)
+    }
+
+    /// As [`VaultSettings::from_raw`], with the span of the offending value.
+    pub fn from_raw_at(raw: RawVault, base: &Path) -> Result<Self, FieldError> {
         if let Some(a) = &raw.address {
-            url::Url::parse(a)
-                .map_err(|e| ("vault.address", format!("{a:?} is not a URL: {e}")))?;
+            url::Url::parse(a.get_ref()).map_err(|e| {
+                FieldError::new(
+                    "vault.address",
+                    format!("{:?} is not a URL: {e}", a.get_ref()),
+                )
+                .at(a.span())
+            })?;
         }
+        let timeout = raw
+            .timeout
+            .as_ref()
+            .map(|t| span_field("vault.timeout", t, MAX_VAULT_TIMEOUT))
+            .transpose()?;
         let approle = raw
             .approle
-            .map(|a| -> Result<AppRoleSettings, (&'static str, String)> {
-                let mount = a.mount.unwrap_or_else(|| "approle".into());
-                crate::policy::check_mount(&mount).map_err(|r| ("vault.approle.mount", r))?;
+            .map(|a| -> Result<AppRoleSettings, FieldError> {
+                let mount = match a.mount {
+                    None => "approle".to_string(),
+                    Some(m) => {
+                        crate::paths::check_mount(m.get_ref())
+                            .map_err(|r| FieldError::new("vault.approle.mount", r).at(m.span()))?;
+                        m.into_inner()
+                    }
+                };
                 Ok(AppRoleSettings {
                     mount,
                     role_id_file: a.role_id_file.map(|p| resolve(base, p)),
@@ -152,39 +331,42 @@ impl VaultSettings {
                 })
             })
             .transpose()?;
-        if let Some(t) = raw.timeout {
-            if t.std().as_secs() > MAX_VAULT_TIMEOUT_SECS {
-                return Err((
-                    "vault.timeout",
-                    format!("{t} is longer than the maximum of {MAX_VAULT_TIMEOUT_SECS}s"),
-                ));
-            }
-        }
-        if let Some(m) = raw.max_clock_skew {
-            let d = m.std();
-            if d < std::time::Duration::from_secs(MIN_MAX_CLOCK_SKEW_SECS)
-                || d > std::time::Duration::from_secs(MAX_MAX_CLOCK_SKEW_SECS)
-            {
-                return Err((
-                    "vault.max_clock_skew",
-                    format!(
-                        "{m} is outside {MIN_MAX_CLOCK_SKEW_SECS}s..={MAX_MAX_CLOCK_SKEW_SECS}s \
-                         (the Date header is only good to about a second; fix NTP rather than \
-                         widening this)"
-                    ),
-                ));
-            }
-        }
+        let max_clock_skew = raw
+            .max_clock_skew
+            .as_ref()
+            .map(|m| {
+                let d = span_field("vault.max_clock_skew", m, MAX_MAX_CLOCK_SKEW)?;
+                if d.std() < MIN_MAX_CLOCK_SKEW {
+                    return Err(FieldError::new(
+                        "vault.max_clock_skew",
+                        format!(
+                            "{d} is below the minimum of {}s (the Date header is only good to \
+                             about a second; fix NTP rather than widening this)",
+                            MIN_MAX_CLOCK_SKEW.as_secs()
+                        ),
+                    )
+                    .at(m.span()));
+                }
+                Ok(d)
+            })
+            .transpose()?;
         Ok(VaultSettings {
-            address: raw.address,
+            address: raw.address.map(Spanned::into_inner),
             namespace: raw.namespace,
             ca_cert: raw.ca_cert.map(|p| resolve(base, p)),
-            timeout: raw.timeout,
+            timeout,
             allow_insecure_http: raw.allow_insecure_http.unwrap_or(false),
             token_file: raw.token_file.map(|p| resolve(base, p)),
             approle,
-            max_clock_skew: raw.max_clock_skew,
+            max_clock_skew,
         })
+    }
+
+    /// The per-request timeout in force (the configured one, else the default).
+    pub fn timeout_or_default(&self) -> std::time::Duration {
+        self.timeout
+            .map(Span::std)
+            .unwrap_or(std::time::Duration::from_secs(DEFAULT_VAULT_TIMEOUT_SECS))
     }
 }
 
@@ -219,10 +401,10 @@ pub struct RawNotify {
 #[derive(Debug, Deserialize, Clone)]
 #[serde(deny_unknown_fields)]
 struct RawWebhook {
-    url: String,
+    url: Spanned<String>,
     secret_file: Option<PathBuf>,
     bearer_token_file: Option<PathBuf>,
-    timeout: Option<Span>,
+    timeout: Option<Spanned<String>>,
 }
 
 #[derive(Debug, Deserialize, Clone)]
@@ -231,11 +413,11 @@ struct RawEmail {
     host: String,
     port: Option<u16>,
     tls: Option<SmtpTls>,
-    from: String,
-    to: Vec<String>,
+    from: Spanned<String>,
+    to: Spanned<Vec<String>>,
     username: Option<String>,
     password_file: Option<PathBuf>,
-    timeout: Option<Span>,
+    timeout: Option<Spanned<String>>,
     subject_prefix: Option<String>,
 }
 
@@ -283,39 +465,57 @@ pub struct NotifySettings {
 
 impl NotifySettings {
     pub fn from_raw(raw: RawNotify, base: &Path) -> Result<Self, (&'static str, String)> {
+        Self::from_raw_at(raw, base).map_err(Into::into)
+    }
+
+    /// As [`NotifySettings::from_raw`], with the span of the offending value.
+    pub fn from_raw_at(raw: RawNotify, base: &Path) -> Result<Self, FieldError> {
         let timeout_default = Span::from_secs(DEFAULT_NOTIFY_TIMEOUT_SECS);
         let mut webhooks = Vec::new();
         for w in raw.webhook {
-            let url = url::Url::parse(&w.url).map_err(|e| {
-                (
-                    "notify.webhook.url",
-                    format!("{:?} is not a URL: {e}", w.url),
-                )
-            })?;
+            let bad_url = |r: String| FieldError::new("notify.webhook.url", r).at(w.url.span());
+            let url = url::Url::parse(w.url.get_ref())
+                .map_err(|e| bad_url(format!("{:?} is not a URL: {e}", w.url.get_ref())))?;
             if !matches!(url.scheme(), "http" | "https") {
-                return Err(("notify.webhook.url", format!("{url} must be http or https")));
+                return Err(bad_url(format!("{url} must be http or https")));
             }
+            let timeout = w
+                .timeout
+                .as_ref()
+                .map(|t| span_field("notify.webhook.timeout", t, MAX_NOTIFY_TIMEOUT))
+                .transpose()?;
             webhooks.push(WebhookSettings {
                 url,
                 secret_file: w.secret_file.map(|p| resolve(base, p)),
                 bearer_token_file: w.bearer_token_file.map(|p| resolve(base, p)),
-                timeout: w.timeout.unwrap_or(timeout_default),
+                timeout: timeout.unwrap_or(timeout_default),
             });
         }
         let email = match raw.email {
             None => None,
             Some(e) => {
-                if e.to.is_empty() {
-                    return Err(("notify.email.to", "give at least one recipient".into()));
+                if e.to.get_ref().is_empty() {
+                    return Err(
+                        FieldError::new("notify.email.to", "give at least one recipient")
+                            .at(e.to.span()),
+                    );
                 }
-                for addr in std::iter::once(&e.from).chain(e.to.iter()) {
+                for (addr, span) in std::iter::once((e.from.get_ref(), e.from.span()))
+                    .chain(e.to.get_ref().iter().map(|a| (a, e.to.span())))
+                {
                     addr.parse::<lettre::Address>().map_err(|err| {
-                        (
+                        FieldError::new(
                             "notify.email",
                             format!("{addr:?} is not an e-mail address: {err}"),
                         )
+                        .at(span)
                     })?;
                 }
+                let timeout = e
+                    .timeout
+                    .as_ref()
+                    .map(|t| span_field("notify.email.timeout", t, MAX_NOTIFY_TIMEOUT))
+                    .transpose()?;
                 let tls = e.tls.unwrap_or(SmtpTls::Starttls);
                 Some(EmailSettings {
                     port: e.port.unwrap_or(match tls {
@@ -325,11 +525,11 @@ impl NotifySettings {
                     }),
                     host: e.host,
                     tls,
-                    from: e.from,
-                    to: e.to,
+                    from: e.from.into_inner(),
+                    to: e.to.into_inner(),
                     username: e.username,
                     password_file: e.password_file.map(|p| resolve(base, p)),
-                    timeout: e.timeout.unwrap_or(timeout_default),
+                    timeout: timeout.unwrap_or(timeout_default),
                     subject_prefix: e.subject_prefix.unwrap_or_else(|| "[keyroll]".into()),
                 })
             }
@@ -350,5 +550,43 @@ mod tests {
     fn line_col_is_one_based() {
         assert_eq!(line_col("ab\ncd", 0), (1, 1));
         assert_eq!(line_col("ab\ncd", 4), (2, 2));
+        assert_eq!(line_col("ab\ncd", 99), (2, 3));
+        assert_eq!(line_col("", 0), (1, 1));
+        let idx = LineIndex::new("a\n\nb\n");
+        assert_eq!(idx.line(0), 1);
+        assert_eq!(idx.line(2), 2);
+        assert_eq!(idx.line(3), 3);
+        assert_eq!(idx.line(5), 4);
+    }
+
+    #[test]
+    fn a_syntax_error_names_the_field_of_its_line_but_not_its_value() {
+        let text =
+            "[vault]\naddress = \"https://v\"\n[[keys]]\nname = \"a\"\nrotate_every = \"hunter2\n";
+        let e: toml::de::Error = toml::from_str::<toml::Table>(text).unwrap_err();
+        let msg = ConfigError::from_toml(Path::new("/p.toml"), text, e).to_string();
+        assert!(msg.starts_with("/p.toml:5: keys.rotate_every: "), "{msg}");
+        assert!(!msg.contains("hunter2"), "{msg}");
+        let lines = LineIndex::new("x = 1\n[a.b]\n\n");
+        assert_eq!(field_at("x = 1\n[a.b]\n\n", &lines, 1), "x");
+        assert_eq!(field_at("x = 1\n[a.b]\n\n", &lines, 3), "a.b");
+        assert_eq!(
+            field_at("[[keys]\n", &LineIndex::new("[[keys]\n"), 1),
+            "(top level)"
+        );
+    }
+
+    #[test]
+    fn vault_and_notify_timeouts_are_capped_at_their_line() {
+        let raw: RawVault =
+            toml::from_str("address = \"http://127.0.0.1:1\"\ntimeout = \"11m\"\n").unwrap();
+        let e = VaultSettings::from_raw_at(raw, Path::new("/")).unwrap_err();
+        assert_eq!(e.field, "vault.timeout");
+        assert!(e.reason.contains("cap of 10m"), "{}", e.reason);
+        assert!(e.span.is_some());
+        let raw: RawNotify =
+            toml::from_str("[[webhook]]\nurl = \"https://h/\"\ntimeout = \"1000d\"\n").unwrap();
+        let e = NotifySettings::from_raw_at(raw, Path::new("/")).unwrap_err();
+        assert_eq!(e.field, "notify.webhook.timeout");
     }
 }

@@ -13,11 +13,13 @@ pub mod render;
 pub use keyname::KeyName;
 pub use keytype::KeyType;
 pub mod audit;
+pub mod bounds;
 pub mod config;
 pub mod dns;
 pub mod duration;
 pub mod events;
 pub mod notify;
+pub mod paths;
 pub mod planner;
 pub mod policy;
 pub mod state;
@@ -40,5 +42,7 @@ pub fn error_chain(e: &dyn std::error::Error) -> String {
     s
 }
 pub mod apply;
+pub mod changes;
 pub mod lock;
 pub mod observe;
+pub mod store;

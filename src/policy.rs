@@ -3,28 +3,37 @@
 //!
 //! Loading happens in two stages (see ARCHITECTURE.md): `toml` deserializes a raw shape that
 //! refuses unknown fields, then [`Policy::from_toml`] validates it into types nothing downstream
-//! has to check again. Every error names the file, the line and the field.
+//! has to check again. Every error names the file, the line and the field; every number is
+//! checked against a named cap (`crate::bounds`). Loading is linear in the number of keys: one
+//! line index for the file, one hash set for duplicates, `[defaults]` validated once.
 
-use std::collections::BTreeMap;
+use std::collections::HashMap;
 use std::path::{Path, PathBuf};
+use std::time::Duration;
 
 use serde::Deserialize;
+use toml::Spanned;
 
-use crate::config::{
-    line_col, AuditSettings, ConfigError, NotifySettings, RawAudit, RawNotify, RawVault,
-    VaultSettings,
+use crate::bounds::{
+    self, MAX_CONCURRENCY as CONCURRENCY_CAP, MAX_DISPOSE_AFTER, MAX_HMAC_KEY_SIZE, MAX_INTERVAL,
+    MAX_KEEP_VERSIONS, MAX_KEYS, MAX_LOCK_TTL, MAX_RETAIN_FOR, MAX_ROTATE_EVERY, MIN_HMAC_KEY_SIZE,
 };
-use crate::duration::Span;
+use crate::config::{
+    span_field, AuditSettings, ConfigError, FieldError, LineIndex, NotifySettings, RawAudit,
+    RawNotify, RawVault, VaultSettings,
+};
+use crate::duration::{compact, Span};
 use crate::{KeyName, KeyType};
 
 /// Defaults for [`Policy`] fields a file may leave out. Named so the README can cite them.
 pub const DEFAULT_MOUNT: &str = "transit";
 pub const DEFAULT_STATE_MOUNT: &str = "secret";
 pub const DEFAULT_STATE_PATH: &str = "keyroll";
+/// Default `lock_ttl`; raised to [`bounds::min_lock_ttl`] when `[vault] timeout` needs more.
 pub const DEFAULT_LOCK_TTL_SECS: u64 = 120;
 pub const DEFAULT_INTERVAL_SECS: u64 = 3600;
 pub const DEFAULT_CONCURRENCY: usize = 16;
-pub const MAX_CONCURRENCY: usize = 256;
+pub const MAX_CONCURRENCY: usize = CONCURRENCY_CAP;
 pub const DEFAULT_HMAC_KEY_SIZE: u32 = 32;
 
 #[derive(Debug, Deserialize, Default)]
@@ -39,7 +48,7 @@ struct RawPolicy {
     #[serde(default)]
     defaults: RawKey,
     #[serde(default)]
-    keys: Vec<toml::Spanned<RawKey>>,
+    keys: Vec<Spanned<RawKey>>,
     #[serde(default)]
     audit: Option<RawAudit>,
     #[serde(default)]
@@ -49,31 +58,33 @@ struct RawPolicy {
 #[derive(Debug, Deserialize, Default)]
 #[serde(deny_unknown_fields)]
 struct RawState {
-    mount: Option<String>,
-    path: Option<String>,
-    lock_ttl: Option<Span>,
+    mount: Option<Spanned<String>>,
+    path: Option<Spanned<String>>,
+    lock_ttl: Option<Spanned<String>>,
 }
 
 #[derive(Debug, Deserialize, Default)]
 #[serde(deny_unknown_fields)]
 struct RawRun {
-    interval: Option<Span>,
-    concurrency: Option<usize>,
+    interval: Option<Spanned<String>>,
+    concurrency: Option<Spanned<i64>>,
 }
 
+/// One `[[keys]]` entry or `[defaults]`, as written. Numbers are read as `i64` so that an
+/// out-of-range value gets keyroll's message (with its cap), not a type error.
 #[derive(Debug, Deserialize, Default, Clone)]
 #[serde(deny_unknown_fields)]
 struct RawKey {
-    name: Option<String>,
-    mount: Option<String>,
+    name: Option<Spanned<String>>,
+    mount: Option<Spanned<String>>,
     #[serde(rename = "type")]
     key_type: Option<KeyType>,
     exportable: Option<bool>,
-    key_size: Option<u32>,
-    rotate_every: Option<Span>,
-    keep_versions: Option<u32>,
-    retain_for: Option<Span>,
-    dispose_after: Option<Span>,
+    key_size: Option<Spanned<i64>>,
+    rotate_every: Option<Spanned<String>>,
+    keep_versions: Option<Spanned<i64>>,
+    retain_for: Option<Spanned<String>>,
+    dispose_after: Option<Spanned<String>>,
 }
 
 /// Where keyroll keeps its own small state in a KV v2 mount: per-key locks and the times Vault
@@ -82,6 +93,7 @@ struct RawKey {
 pub struct StateSettings {
     pub mount: String,
     pub path: String,
+    /// At least [`bounds::min_lock_ttl`] of the `[vault] timeout`, at most [`MAX_LOCK_TTL`].
     pub lock_ttl: Span,
 }
 
@@ -95,7 +107,7 @@ pub struct RunSettings {
 /// Retention of superseded versions. Absent fields mean "no destructive step on that account".
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub struct Retention {
-    /// The newest N versions always stay usable.
+    /// The newest N versions always stay usable (1..=[`MAX_KEEP_VERSIONS`]).
     pub keep_versions: Option<u32>,
     /// A superseded version stays usable until its successor is this old.
     pub retain_for: Option<Span>,
@@ -148,80 +160,41 @@ impl Policy {
     pub fn from_toml(path: &Path, text: &str) -> Result<Self, ConfigError> {
         let raw: RawPolicy =
             toml::from_str(text).map_err(|e| ConfigError::from_toml(path, text, e))?;
-        let at = |line: usize, field: &str, reason: String| ConfigError::Invalid {
-            path: path.to_path_buf(),
-            line,
-            field: field.to_string(),
-            reason,
-        };
+        let lines = LineIndex::new(text);
+        // An error with no span of its own is reported on the first line.
+        let err = |e: FieldError| e.into_config(path, &lines, 1);
         let base = path.parent().unwrap_or(Path::new("."));
 
-        let vault = VaultSettings::from_raw(raw.vault, base).map_err(|(f, r)| at(0, f, r))?;
+        let vault = VaultSettings::from_raw_at(raw.vault, base).map_err(err)?;
+        let state = state_settings(&raw.state, &vault).map_err(err)?;
+        let run = run_settings(&raw.run).map_err(err)?;
+        let defaults = KeyDefaults::from_raw(&raw.defaults).map_err(err)?;
 
-        let state = StateSettings {
-            mount: raw
-                .state
-                .mount
-                .unwrap_or_else(|| DEFAULT_STATE_MOUNT.into()),
-            path: raw.state.path.unwrap_or_else(|| DEFAULT_STATE_PATH.into()),
-            lock_ttl: raw
-                .state
-                .lock_ttl
-                .unwrap_or(Span::from_secs(DEFAULT_LOCK_TTL_SECS)),
-        };
-        check_mount(&state.mount).map_err(|r| at(0, "state.mount", r))?;
-        check_vault_path(&state.path).map_err(|r| at(0, "state.path", r))?;
-
-        let concurrency = raw.run.concurrency.unwrap_or(DEFAULT_CONCURRENCY);
-        if concurrency == 0 || concurrency > MAX_CONCURRENCY {
-            return Err(at(
-                0,
-                "run.concurrency",
-                format!("{concurrency} is out of range; use 1..={MAX_CONCURRENCY}"),
-            ));
+        if let Some(extra) = raw.keys.get(MAX_KEYS) {
+            return Err(err(FieldError::new(
+                "keys",
+                format!(
+                    "{} [[keys]] entries; a policy holds at most {MAX_KEYS} (split it)",
+                    raw.keys.len()
+                ),
+            )
+            .at(extra.span())));
         }
-        let run = RunSettings {
-            interval: raw
-                .run
-                .interval
-                .unwrap_or(Span::from_secs(DEFAULT_INTERVAL_SECS)),
-            concurrency,
-        };
-
-        let defaults = raw.defaults;
-        if defaults.name.is_some() {
-            return Err(at(
-                0,
-                "defaults.name",
-                "a name cannot have a default; give each [[keys]] entry its own".into(),
-            ));
-        }
-
         let mut keys = Vec::with_capacity(raw.keys.len());
-        let mut seen: BTreeMap<(String, String), usize> = BTreeMap::new();
         for spanned in raw.keys {
-            let line = line_col(text, spanned.span().start).0;
-            let k = spanned.into_inner();
-            let key = merge_key(&defaults, k).map_err(|(f, r)| at(line, f, r))?;
-            if let Some(first) = seen.insert((key.mount.clone(), key.name.to_string()), line) {
-                return Err(at(
-                    line,
-                    "keys.name",
-                    format!(
-                        "key {} on mount {:?} is already declared at line {first}",
-                        key.name, key.mount
-                    ),
-                ));
-            }
-            keys.push(KeyPolicy { line, ..key });
+            let line = lines.line(spanned.span().start);
+            let key = merge_key(&defaults, spanned.into_inner(), line)
+                .map_err(|e| e.into_config(path, &lines, line))?;
+            keys.push(key);
         }
+        check_duplicates(&keys).map_err(|(line, e)| e.into_config(path, &lines, line))?;
 
         let audit = raw
             .audit
             .map(|a| AuditSettings::from_raw(a, base))
             .transpose()
-            .map_err(|(f, r)| at(0, f, r))?;
-        let notify = NotifySettings::from_raw(raw.notify, base).map_err(|(f, r)| at(0, f, r))?;
+            .map_err(|(f, r)| err(FieldError::new(f, r)))?;
+        let notify = NotifySettings::from_raw_at(raw.notify, base).map_err(err)?;
 
         Ok(Policy {
             path: path.to_path_buf(),
@@ -239,63 +212,217 @@ impl Policy {
     }
 }
 
-fn merge_key(d: &RawKey, k: RawKey) -> Result<KeyPolicy, (&'static str, String)> {
+/// `[state]`, with `lock_ttl` checked against the `[vault] timeout` (issue 7 item 4).
+/// Without a `lock_ttl`, the default is raised to what the timeout needs (the bounds test
+/// checks that this never exceeds [`MAX_LOCK_TTL`]).
+fn state_settings(raw: &RawState, vault: &VaultSettings) -> Result<StateSettings, FieldError> {
+    let mount = spanned_path("state.mount", raw.mount.as_ref(), DEFAULT_STATE_MOUNT)?;
+    let path = spanned_path("state.path", raw.path.as_ref(), DEFAULT_STATE_PATH)?;
+    let timeout = vault.timeout_or_default();
+    let min = bounds::min_lock_ttl(timeout);
+    let lock_ttl = match &raw.lock_ttl {
+        None => Span::from_secs(DEFAULT_LOCK_TTL_SECS.max(min.as_secs())),
+        Some(v) => {
+            let ttl = span_field("state.lock_ttl", v, MAX_LOCK_TTL)?;
+            if ttl.std() < min {
+                return Err(
+                    FieldError::new("state.lock_ttl", lock_ttl_too_short(ttl, timeout))
+                        .at(v.span()),
+                );
+            }
+            ttl
+        }
+    };
+    Ok(StateSettings {
+        mount,
+        path,
+        lock_ttl,
+    })
+}
+
+/// The explanation for a `lock_ttl` below [`bounds::min_lock_ttl`].
+fn lock_ttl_too_short(ttl: Span, timeout: Duration) -> String {
+    let t = compact(timeout);
+    let ttl = compact(ttl.std());
+    format!(
+        "{ttl} is too short for [vault] timeout {t}: keyroll renews the lock before each write, \
+         and a renewal plus the write it guards can take {} requests × {} attempt × {t} = {}; \
+         lock_ttl must be at least {} times that, {} (or lower [vault] timeout)",
+        bounds::LOCK_REQUESTS_PER_WRITE,
+        bounds::LOCK_ATTEMPTS_PER_REQUEST,
+        compact(bounds::lock_write_window(timeout)),
+        bounds::LOCK_TTL_SAFETY_FACTOR,
+        compact(bounds::min_lock_ttl(timeout)),
+    )
+}
+
+fn spanned_path(
+    field: &'static str,
+    value: Option<&Spanned<String>>,
+    default: &str,
+) -> Result<String, FieldError> {
+    match value {
+        None => Ok(default.to_string()),
+        Some(v) => {
+            crate::paths::check_vault_path(v.get_ref())
+                .map_err(|r| FieldError::new(field, r).at(v.span()))?;
+            Ok(v.get_ref().clone())
+        }
+    }
+}
+
+fn run_settings(raw: &RawRun) -> Result<RunSettings, FieldError> {
+    let interval = raw
+        .interval
+        .as_ref()
+        .map(|v| span_field("run.interval", v, MAX_INTERVAL))
+        .transpose()?
+        .unwrap_or(Span::from_secs(DEFAULT_INTERVAL_SECS));
+    let concurrency = match &raw.concurrency {
+        None => DEFAULT_CONCURRENCY,
+        Some(c) => in_range("run.concurrency", c, 1, MAX_CONCURRENCY as i64)? as usize,
+    };
+    Ok(RunSettings {
+        interval,
+        concurrency,
+    })
+}
+
+/// A spanned integer within `min..=max`.
+fn in_range(field: &'static str, v: &Spanned<i64>, min: i64, max: i64) -> Result<i64, FieldError> {
+    let n = *v.get_ref();
+    if (min..=max).contains(&n) {
+        Ok(n)
+    } else {
+        Err(FieldError::new(field, format!("{n} is out of range; use {min}..={max}")).at(v.span()))
+    }
+}
+
+/// `[defaults]`, validated once (errors name `defaults.<field>`).
+#[derive(Debug, Default)]
+struct KeyDefaults {
+    mount: Option<String>,
+    key_type: Option<KeyType>,
+    exportable: Option<bool>,
+    key_size: Option<Spanned<i64>>,
+    rotate_every: Option<Span>,
+    keep_versions: Option<u32>,
+    retain_for: Option<Span>,
+    dispose_after: Option<Span>,
+}
+
+impl KeyDefaults {
+    fn from_raw(d: &RawKey) -> Result<Self, FieldError> {
+        if let Some(n) = &d.name {
+            return Err(FieldError::new(
+                "defaults.name",
+                "a name cannot have a default; give each [[keys]] entry its own",
+            )
+            .at(n.span()));
+        }
+        Ok(KeyDefaults {
+            mount: d
+                .mount
+                .as_ref()
+                .map(|m| spanned_path("defaults.mount", Some(m), DEFAULT_MOUNT))
+                .transpose()?,
+            key_type: d.key_type,
+            exportable: d.exportable,
+            // Checked per key: whether it applies depends on the key's type.
+            key_size: d.key_size.clone(),
+            rotate_every: d
+                .rotate_every
+                .as_ref()
+                .map(|v| span_field("defaults.rotate_every", v, MAX_ROTATE_EVERY))
+                .transpose()?,
+            keep_versions: d
+                .keep_versions
+                .as_ref()
+                .map(|v| keep_versions("defaults.keep_versions", v))
+                .transpose()?,
+            retain_for: d
+                .retain_for
+                .as_ref()
+                .map(|v| span_field("defaults.retain_for", v, MAX_RETAIN_FOR))
+                .transpose()?,
+            dispose_after: d
+                .dispose_after
+                .as_ref()
+                .map(|v| span_field("defaults.dispose_after", v, MAX_DISPOSE_AFTER))
+                .transpose()?,
+        })
+    }
+}
+
+fn keep_versions(field: &'static str, v: &Spanned<i64>) -> Result<u32, FieldError> {
+    let n = *v.get_ref();
+    if n < 1 {
+        return Err(FieldError::new(
+            field,
+            "keep_versions must be at least 1 (the latest version always stays)",
+        )
+        .at(v.span()));
+    }
+    Ok(in_range(field, v, 1, i64::from(MAX_KEEP_VERSIONS))? as u32)
+}
+
+/// One `[[keys]]` entry with `[defaults]` applied; `line` is the entry's own line, used for
+/// errors about fields it lacks.
+fn merge_key(d: &KeyDefaults, k: RawKey, line: usize) -> Result<KeyPolicy, FieldError> {
     let name = k
         .name
-        .ok_or(("keys.name", "every [[keys]] entry needs a name".to_string()))?;
-    let name = KeyName::new(&name).map_err(|e| ("keys.name", e.to_string()))?;
-    let mount = k
-        .mount
-        .or_else(|| d.mount.clone())
-        .unwrap_or_else(|| DEFAULT_MOUNT.into());
-    check_mount(&mount).map_err(|r| ("keys.mount", r))?;
-    let key_type = k.key_type.or(d.key_type).ok_or((
-        "keys.type",
-        format!(
-            "key {name} has no type and [defaults] gives none; use one of: {}",
-            KeyType::ALL.map(|t| t.as_str()).join(", ")
-        ),
-    ))?;
-    let rotate_every = k.rotate_every.or(d.rotate_every).ok_or((
-        "keys.rotate_every",
-        format!("key {name} has no rotate_every and [defaults] gives none; e.g. \"90d\""),
-    ))?;
-    let key_size = match (key_type, k.key_size.or(d.key_size)) {
-        (KeyType::Hmac, None) => Some(DEFAULT_HMAC_KEY_SIZE),
-        (KeyType::Hmac, Some(s)) if (32..=512).contains(&s) => Some(s),
-        (KeyType::Hmac, Some(s)) => {
-            return Err((
-                "keys.key_size",
-                format!("{s} bytes is outside Vault's 32..=512 for hmac keys"),
-            ))
-        }
-        (_, Some(_)) if k.key_size.is_some() => {
-            return Err((
-                "keys.key_size",
-                format!("key_size applies to hmac keys only; {name} is {key_type}"),
-            ))
-        }
-        (_, _) => None,
+        .ok_or_else(|| FieldError::new("keys.name", "every [[keys]] entry needs a name"))?;
+    let name = KeyName::new(name.get_ref())
+        .map_err(|e| FieldError::new("keys.name", e.to_string()).at(name.span()))?;
+    let mount = match &k.mount {
+        Some(m) => spanned_path("keys.mount", Some(m), DEFAULT_MOUNT)?,
+        None => d.mount.clone().unwrap_or_else(|| DEFAULT_MOUNT.into()),
     };
+    let key_type = k.key_type.or(d.key_type).ok_or_else(|| {
+        FieldError::new(
+            "keys.type",
+            format!(
+                "key {name} has no type and [defaults] gives none; use one of: {}",
+                KeyType::ALL.map(|t| t.as_str()).join(", ")
+            ),
+        )
+    })?;
+    let rotate_every = match &k.rotate_every {
+        Some(v) => span_field("keys.rotate_every", v, MAX_ROTATE_EVERY)?,
+        None => d.rotate_every.ok_or_else(|| {
+            FieldError::new(
+                "keys.rotate_every",
+                format!("key {name} has no rotate_every and [defaults] gives none; e.g. \"90d\""),
+            )
+        })?,
+    };
+    let key_size = key_size(&name, key_type, k.key_size.as_ref(), d.key_size.as_ref())?;
     let retention = Retention {
-        keep_versions: k.keep_versions.or(d.keep_versions),
-        retain_for: k.retain_for.or(d.retain_for),
-        dispose_after: k.dispose_after.or(d.dispose_after),
+        keep_versions: match &k.keep_versions {
+            Some(v) => Some(keep_versions("keys.keep_versions", v)?),
+            None => d.keep_versions,
+        },
+        retain_for: match &k.retain_for {
+            Some(v) => Some(span_field("keys.retain_for", v, MAX_RETAIN_FOR)?),
+            None => d.retain_for,
+        },
+        dispose_after: match &k.dispose_after {
+            Some(v) => Some(span_field("keys.dispose_after", v, MAX_DISPOSE_AFTER)?),
+            None => d.dispose_after,
+        },
     };
-    if retention.keep_versions == Some(0) {
-        return Err((
-            "keys.keep_versions",
-            "keep_versions must be at least 1 (the latest version always stays)".into(),
-        ));
-    }
     if retention.dispose_after.is_some() && !retention.retires() {
-        return Err((
+        let e = FieldError::new(
             "keys.dispose_after",
             format!(
                 "key {name} sets dispose_after but neither keep_versions nor retain_for, so no \
                  version would ever retire; add one of them"
             ),
-        ));
+        );
+        return Err(match &k.dispose_after {
+            Some(v) => e.at(v.span()),
+            None => e,
+        });
     }
     Ok(KeyPolicy {
         name,
@@ -305,33 +432,74 @@ fn merge_key(d: &RawKey, k: RawKey) -> Result<KeyPolicy, (&'static str, String)>
         key_size,
         rotate_every,
         retention,
-        line: 0,
+        line,
     })
 }
 
-/// A mount path: one or more `/`-separated segments of `[A-Za-z0-9._-]`, no `..`.
-pub fn check_mount(m: &str) -> Result<(), String> {
-    check_vault_path(m)
-}
-
-fn check_vault_path(p: &str) -> Result<(), String> {
-    let ok = !p.is_empty()
-        && p.split('/').all(|seg| {
-            !seg.is_empty()
-                && seg != "."
-                && seg != ".."
-                && seg
-                    .chars()
-                    .all(|c| c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-'))
-        });
-    if ok {
-        Ok(())
-    } else {
-        Err(format!(
-            "{p:?} is not a Vault path; use segments of letters, digits, '.', '_', '-' joined by '/'"
-        ))
+/// hmac keys get a size (default 32 bytes); other types must not set one themselves (a
+/// `[defaults]` size simply does not apply to them).
+fn key_size(
+    name: &KeyName,
+    key_type: KeyType,
+    own: Option<&Spanned<i64>>,
+    default: Option<&Spanned<i64>>,
+) -> Result<Option<u32>, FieldError> {
+    match (key_type, own.or(default)) {
+        (KeyType::Hmac, None) => Ok(Some(DEFAULT_HMAC_KEY_SIZE)),
+        (KeyType::Hmac, Some(s)) => {
+            let field = if own.is_some() {
+                "keys.key_size"
+            } else {
+                "defaults.key_size"
+            };
+            let n = *s.get_ref();
+            if (i64::from(MIN_HMAC_KEY_SIZE)..=i64::from(MAX_HMAC_KEY_SIZE)).contains(&n) {
+                Ok(Some(n as u32))
+            } else {
+                Err(FieldError::new(
+                    field,
+                    format!(
+                        "{n} bytes is outside Vault's {MIN_HMAC_KEY_SIZE}..={MAX_HMAC_KEY_SIZE} \
+                         for hmac keys"
+                    ),
+                )
+                .at(s.span()))
+            }
+        }
+        (_, _) => match own {
+            Some(s) => Err(FieldError::new(
+                "keys.key_size",
+                format!("key_size applies to hmac keys only; {name} is {key_type}"),
+            )
+            .at(s.span())),
+            None => Ok(None),
+        },
     }
 }
+
+/// Refuses a second entry for the same key on the same mount, naming the first one's line.
+/// One pass with a hash map: loading stays linear in the number of keys.
+fn check_duplicates(keys: &[KeyPolicy]) -> Result<(), (usize, FieldError)> {
+    let mut seen: HashMap<(&str, &str), usize> = HashMap::with_capacity(keys.len());
+    for k in keys {
+        if let Some(first) = seen.insert((k.mount.as_str(), k.name.as_str()), k.line) {
+            return Err((
+                k.line,
+                FieldError::new(
+                    "keys.name",
+                    format!(
+                        "key {} on mount {:?} is already declared at line {first}",
+                        k.name, k.mount
+                    ),
+                ),
+            ));
+        }
+    }
+    Ok(())
+}
+
+/// Kept here for callers that know it as `policy::check_mount` (the sidecar's loader).
+pub use crate::paths::check_mount;
 
 #[cfg(test)]
 mod tests {
@@ -433,6 +601,83 @@ type = "hmac"
         assert!(e.contains("keep_versions"), "{e}");
         let e = err("[[keys]]\nname=\"a\"\ntype=\"hmac\"\nkey_size=16\nrotate_every=\"1d\"\n");
         assert!(e.contains("32..=512"), "{e}");
+    }
+
+    /// Issue 7 items 11 and 13: every count and duration has a cap, and the refusal names the
+    /// line of the value itself.
+    #[test]
+    fn out_of_range_values_are_refused_on_their_own_line() {
+        let key = "[[keys]]\nname = \"x\"\ntype = \"aes256-gcm96\"\nrotate_every = \"90d\"\n";
+        let cases = [
+            (format!("[state]\nlock_ttl = \"200000000000000d\"\n{key}"), ":2: state.lock_ttl:"),
+            (format!("[state]\nlock_ttl = \"2d\"\n{key}"), ":2: state.lock_ttl:"),
+            (format!("[state]\nmount = \"a/../b\"\n{key}"), ":2: state.mount:"),
+            (format!("[run]\nconcurrency = 0\n{key}"), ":2: run.concurrency:"),
+            (format!("[run]\nconcurrency = -1\n{key}"), ":2: run.concurrency:"),
+            (format!("[run]\ninterval = \"31d\"\n{key}"), ":2: run.interval:"),
+            (format!("[vault]\ntimeout = \"11m\"\n{key}"), ":2: vault.timeout:"),
+            (format!("{key}keep_versions = 4294967295\n"), ":5: keys.keep_versions:"),
+            (format!("{key}keep_versions = 10001\n"), ":5: keys.keep_versions:"),
+            (format!("{key}keep_versions = -3\n"), ":5: keys.keep_versions:"),
+            (format!("[defaults]\nkeep_versions = 0\n{key}"), ":2: defaults.keep_versions:"),
+            (format!("[defaults]\nretain_for = \"3651d\"\n{key}"), ":2: defaults.retain_for:"),
+            (format!("{key}keep_versions = 1\ndispose_after = \"3651d\"\n"), ":6: keys.dispose_after:"),
+            ("[[keys]]\nname = \"x\"\ntype = \"hmac\"\nrotate_every = \"3651d\"\n".into(), ":4: keys.rotate_every:"),
+            ("[[keys]]\nname = \"x\"\ntype = \"hmac\"\nrotate_every = \"1d\"\nkey_size = 4294967328\n".into(), ":5: keys.key_size:"),
+            ("[[keys]]\nname = \"x\"\ntype = \"hmac\"\nrotate_every = 5\n".into(), ":4: keys.rotate_every:"),
+            (format!("{key}[[notify.webhook]]\nurl = \"ftp://h/\"\n"), ":6: notify.webhook.url:"),
+            (format!("{key}[notify.email]\nhost = \"h\"\nfrom = \"a@b.c\"\nto = []\n"), ":8: notify.email.to:"),
+        ];
+        for (text, want) in cases {
+            let e = err(&text);
+            assert!(
+                e.starts_with(&format!("/etc/keyroll/policy.toml{want} ")),
+                "{want}: {e}\n{text}"
+            );
+        }
+    }
+
+    #[test]
+    fn lock_ttl_must_cover_a_renewal_and_a_write_twice_over() {
+        let key = "[[keys]]\nname = \"x\"\ntype = \"hmac\"\nrotate_every = \"1d\"\n";
+        let e = err(&format!(
+            "[vault]\ntimeout = \"10s\"\n[state]\nlock_ttl = \"39s\"\n{key}"
+        ));
+        assert!(
+            e.contains(":4: state.lock_ttl: 39s is too short for [vault] timeout 10s")
+                && e.contains("2 requests × 1 attempt × 10s = 20s")
+                && e.contains("at least 2 times that, 40s"),
+            "{e}"
+        );
+        let p = load(&format!(
+            "[vault]\ntimeout = \"10s\"\n[state]\nlock_ttl = \"40s\"\n{key}"
+        ))
+        .unwrap();
+        assert_eq!(p.state.lock_ttl.std(), Duration::from_secs(40));
+        // Unset, the default rises with the timeout instead of being refused.
+        let p = load(&format!("[vault]\ntimeout = \"2m\"\n{key}")).unwrap();
+        assert_eq!(p.state.lock_ttl.std(), Duration::from_secs(480));
+        let p = load(key).unwrap();
+        assert_eq!(
+            p.state.lock_ttl.std(),
+            Duration::from_secs(DEFAULT_LOCK_TTL_SECS)
+        );
+    }
+
+    #[test]
+    fn loading_is_linear_in_keys() {
+        // Not a timing test: duplicates are found by a hash map and lines by one index, so a
+        // duplicate at the very end of a large file is still named with both lines.
+        let mut text = String::from("[defaults]\ntype = \"hmac\"\nrotate_every = \"1d\"\n");
+        for i in 0..20_000 {
+            text.push_str(&format!("[[keys]]\nname = \"k{i}\"\n"));
+        }
+        text.push_str("[[keys]]\nname = \"k7\"\n");
+        let e = err(&text);
+        assert!(
+            e.contains(":40004: keys.name:") && e.contains("line 18"),
+            "{e}"
+        );
     }
 
     #[test]

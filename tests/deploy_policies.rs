@@ -154,6 +154,17 @@ fn rotator_policy_allows_create_rotate_retire_dispose_and_inventory() {
     let (l2, d2, _) = versions(bao, &name);
     assert_eq!((l2, d2), (latest + 1, latest + 1));
 
+    // An operator soft-deletes keyroll's lock (`kv delete` keeps the version number): the
+    // policy's metadata read lets keyroll find that version and write over it.
+    bao.cli_ok(&[
+        "kv",
+        "delete",
+        &format!("secret/keyroll/locks/transit/{name}"),
+    ]);
+    let (code, out, err) = keyroll(&["rotate", &name]);
+    assert_eq!(code, 0, "after kv delete of the lock: {out}\n{err}");
+    assert_eq!(versions(bao, &name).0, latest + 2);
+
     // status and inventory; inventory reads every key of the mount, a stray one included.
     let stray = unique("stray");
     bao.cli_ok(&["write", "-f", &format!("transit/keys/{stray}")]);

@@ -9,7 +9,8 @@
 #   - another name prefix:     replace "mail-" (a glob only works at the end of a path, so a
 #                              prefix is the finest scope; or list each key by its full name:
 #                              "transit/keys/mail-dkim" plus "transit/keys/mail-dkim/*");
-#   - another [state] mount or path: replace "secret/data/keyroll/".
+#   - another [state] mount or path: replace "secret/data/keyroll/" and
+#                              "secret/metadata/keyroll/".
 #
 # What each line is for is written beside it. The rotator never exports key material: there is
 # no "transit/export/..." line, so a leaked rotator token cannot read a private key. It cannot
@@ -40,9 +41,16 @@ path "transit/keys/+" {
 }
 
 # keyroll's state in KV v2: per-key locks (locks/<mount>/<name>) and per-key records
-# (keys/<mount>/<name>), read and written with check-and-set. No delete, no metadata, no destroy.
+# (keys/<mount>/<name>), read and written with check-and-set. No delete, no destroy.
 path "secret/data/keyroll/*" {
   capabilities = ["create", "read", "update"]
+}
+
+# Read-only metadata, used only when someone soft-deleted or destroyed a lock or record
+# (`kv delete` keeps the version number, so a check-and-set write "as new" is refused): keyroll
+# reads the current version and writes over the deleted one. No metadata writes or deletes.
+path "secret/metadata/keyroll/*" {
+  capabilities = ["read"]
 }
 
 # Long-running `keyroll run`: look the token up to learn its TTL and renew it before it expires.
@@ -51,6 +59,7 @@ path "secret/data/keyroll/*" {
 path "auth/token/lookup-self" {
   capabilities = ["read"]
 }
+
 path "auth/token/renew-self" {
   capabilities = ["update"]
 }

@@ -88,6 +88,11 @@ pub enum Command {
         /// Plan and print; change nothing, notify no one.
         #[arg(long)]
         dry_run: bool,
+        /// Act as of this instant instead of now (RFC 3339, or +DURATION): for tests and
+        /// rehearsals against a scratch Vault only, since recorded retirement times follow it.
+        /// Refused unless KEYROLL_ALLOW_APPLY_AT=1.
+        #[arg(long)]
+        at: Option<String>,
     },
     /// Rotate one key now, whatever its schedule.
     Rotate {

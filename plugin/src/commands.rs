@@ -2,12 +2,11 @@
 //! code. Nothing here decides policy; that is the planner's job.
 
 use std::collections::BTreeSet;
-use std::time::Duration;
 
 use anyhow::Context;
 use futures::StreamExt as _;
 use jiff::Timestamp;
-use keyroll::apply::{self, ApplyOptions, ApplyReport, FailureClass};
+use keyroll::apply::{self, ApplyOptions, ApplyReport, Done, FailureClass};
 use keyroll::audit::AuditLog;
 use keyroll::duration::{human, Span};
 use keyroll::events::{Event, EventKind};
@@ -26,6 +25,9 @@ use crate::output::{emit, table};
 
 use crate::exit::UsageError;
 
+/// `apply --at` is refused unless this environment variable is `1` (see the flag's help).
+const ALLOW_APPLY_AT: &str = "KEYROLL_ALLOW_APPLY_AT";
+
 pub async fn run(cli: Cli) -> anyhow::Result<u8> {
     let policy = Policy::load(&cli.config)?;
     match &cli.command {
@@ -40,7 +42,21 @@ pub async fn run(cli: Cli) -> anyhow::Result<u8> {
             Ok(exit::OK)
         }
         Command::Plan { at } => plan(&cli, &policy, parse_at(at.as_deref())?).await,
-        Command::Apply { dry_run } => apply_cmd(&cli, &policy, *dry_run).await,
+        Command::Apply { dry_run, at } => {
+            let at = match at {
+                None => None,
+                Some(_) if env_var(ALLOW_APPLY_AT).as_deref() != Some("1") => {
+                    return Err(UsageError(format!(
+                        "--at: apply acts on Vault as of another instant and records times that \
+                         follow it, which can trim versions early in a real Vault; set \
+                         {ALLOW_APPLY_AT}=1 to allow it (tests, rehearsals on a scratch Vault)"
+                    ))
+                    .into())
+                }
+                Some(s) => Some(parse_at(Some(s))?),
+            };
+            apply_cmd(&cli, &policy, *dry_run, at).await
+        }
         Command::Rotate {
             key,
             retire_previous,
@@ -48,6 +64,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<u8> {
         } => rotate(&cli, &policy, key, *retire_previous, mount.as_deref()).await,
         Command::Status { at, grace } => {
             let grace = Span::parse(grace)
+                .and_then(|s| s.at_most(keyroll::bounds::MAX_GRACE))
                 .map(|s| s.signed())
                 .or_else(|e| {
                     if grace.trim() == "0s" || grace.trim() == "0" {
@@ -62,7 +79,9 @@ pub async fn run(cli: Cli) -> anyhow::Result<u8> {
         Command::Inventory { mount } => inventory(&cli, &policy, mount).await,
         Command::Run { interval } => {
             let interval = match interval {
-                Some(s) => Span::parse(s).map_err(|e| UsageError(format!("--interval: {e}")))?,
+                Some(s) => Span::parse(s)
+                    .and_then(|s| s.at_most(keyroll::bounds::MAX_INTERVAL))
+                    .map_err(|e| UsageError(format!("--interval: {e}")))?,
                 None => policy.run.interval,
             };
             daemon(&cli, policy, interval).await
@@ -96,15 +115,6 @@ async fn connect(cli: &Cli, policy: &Policy) -> anyhow::Result<Vault> {
     };
     let cfg = ClientConfig::resolve(&policy.vault, &env_var, &flags)?;
     Ok(Vault::connect(cfg).await?)
-}
-
-fn options(policy: &Policy, dry_run: bool) -> ApplyOptions {
-    ApplyOptions {
-        dry_run,
-        holder: keyroll::lock::holder_id(),
-        lock_wait: policy.state.lock_ttl.std() + Duration::from_secs(5),
-        run_id: keyroll::events::new_run_id(),
-    }
 }
 
 /// One line per failed key on stderr: `keyroll: error: KEY: what went wrong`.
@@ -209,34 +219,85 @@ async fn plan(cli: &Cli, policy: &Policy, at: Timestamp) -> anyhow::Result<u8> {
     Ok(exit::worst(codes))
 }
 
-/// Audit, notify, print; returns the exit code of an apply.
-async fn finish(
-    cli: &Cli,
-    policy: &Policy,
-    report: &ApplyReport,
-    audit: &mut Option<AuditLog>,
-) -> u8 {
-    let mut codes = vec![exit::OK];
-    let mut events: Vec<Event> = report.events.clone();
-    if !report.dry_run {
-        for f in keyroll::notify::deliver(&policy.notify, &report.run_id, &events).await {
-            tracing::error!(error = %f, "notification failed (rotation is not affected)");
-            eprintln!("keyroll: error: {f}");
-            codes.push(exit::NOTIFY_FAILED);
-            events.push(Event::new(
-                &report.run_id,
-                EventKind::NotifyFailed,
-                Timestamp::now(),
-                f.to_string(),
-            ));
+/// The audit log of one command: events are appended as each key finishes (a killed run
+/// loses at most the keys it had in flight); a write failure is reported once and makes the
+/// exit status 1.
+struct Audit {
+    log: Option<AuditLog>,
+    failed: bool,
+}
+
+impl Audit {
+    fn none() -> Self {
+        Audit {
+            log: None,
+            failed: false,
         }
-        if let Some(a) = audit.as_mut() {
-            if let Err(e) = a.append(&events) {
-                tracing::error!(error = %e, "cannot write the audit log");
+    }
+
+    fn open(policy: &Policy) -> anyhow::Result<Self> {
+        Ok(Audit {
+            log: policy
+                .audit
+                .as_ref()
+                .map(|a| AuditLog::open(&a.path))
+                .transpose()?,
+            failed: false,
+        })
+    }
+
+    fn append(&mut self, events: &[Event]) {
+        let Some(log) = self.log.as_mut() else { return };
+        if events.is_empty() {
+            return;
+        }
+        if let Err(e) = log.append(events) {
+            tracing::error!(error = %e, "cannot write the audit log");
+            if !self.failed {
                 eprintln!("keyroll: error: {e}");
-                codes.push(exit::FAILURE);
             }
+            self.failed = true;
         }
+    }
+}
+
+/// Notifies (one batch per run), audits the notifier failures, returns their exit codes.
+async fn notify(policy: &Policy, run_id: &str, events: &[Event], audit: &mut Audit) -> Vec<u8> {
+    let mut codes = Vec::new();
+    for f in keyroll::notify::deliver(&policy.notify, run_id, events).await {
+        tracing::error!(error = %f, "notification failed (rotation is not affected)");
+        eprintln!("keyroll: error: {f}");
+        codes.push(exit::NOTIFY_FAILED);
+        audit.append(&[Event::new(
+            run_id,
+            EventKind::NotifyFailed,
+            Timestamp::now(),
+            f.to_string(),
+        )]);
+    }
+    codes
+}
+
+/// A `Done` action's reason, with Vault's error answer when the write was applied anyway.
+fn done_reason(d: &Done) -> String {
+    match &d.answered {
+        None => d.action.reason().to_string(),
+        Some(a) => format!(
+            "{} (Vault answered \"{a}\" but shows it applied)",
+            d.action.reason()
+        ),
+    }
+}
+
+/// Notify, print; returns the exit code of an apply (the events are already audited).
+async fn finish(cli: &Cli, policy: &Policy, report: &ApplyReport, audit: &mut Audit) -> u8 {
+    let mut codes = vec![exit::OK];
+    if !report.dry_run {
+        let events: Vec<Event> = report.events().cloned().collect();
+        codes.extend(notify(policy, &report.run_id, &events, audit).await);
+    }
+    if audit.failed {
+        codes.push(exit::FAILURE);
     }
     for k in &report.keys {
         if let Some(f) = k.failure {
@@ -253,8 +314,8 @@ async fn finish(
                 rows.push(vec![
                     k.key.clone(),
                     k.mount.clone(),
-                    a.verb().into(),
-                    a.reason().into(),
+                    a.action.verb().into(),
+                    done_reason(a),
                 ]);
             }
             if !k.drift.is_empty() {
@@ -311,25 +372,24 @@ async fn finish(
     exit::worst(codes)
 }
 
-fn open_audit(policy: &Policy) -> anyhow::Result<Option<AuditLog>> {
-    Ok(policy
-        .audit
-        .as_ref()
-        .map(|a| AuditLog::open(&a.path))
-        .transpose()?)
-}
-
-async fn apply_cmd(cli: &Cli, policy: &Policy, dry_run: bool) -> anyhow::Result<u8> {
-    let mut audit = if dry_run { None } else { open_audit(policy)? };
+async fn apply_cmd(
+    cli: &Cli,
+    policy: &Policy,
+    dry_run: bool,
+    at: Option<Timestamp>,
+) -> anyhow::Result<u8> {
+    let mut audit = if dry_run {
+        Audit::none()
+    } else {
+        Audit::open(policy)?
+    };
     let vault = connect(cli, policy).await?;
     let (_tx, rx) = watch::channel(false);
-    let report = apply::apply(
-        &vault,
-        policy,
-        &options(policy, dry_run),
-        &Timestamp::now,
-        &rx,
-    )
+    let fixed = move || at.unwrap_or_else(Timestamp::now);
+    let opts = ApplyOptions::for_policy(policy, dry_run);
+    let report = apply::apply(&vault, policy, &opts, &fixed, &rx, &mut |k| {
+        audit.append(&k.events)
+    })
     .await;
     Ok(finish(cli, policy, &report, &mut audit).await)
 }
@@ -348,10 +408,10 @@ async fn rotate(
         (None, None) => keyroll::policy::DEFAULT_MOUNT.to_string(),
     };
     keyroll::policy::check_mount(&mount).map_err(|e| UsageError(format!("--mount: {e}")))?;
-    let mut audit = open_audit(policy)?;
+    let mut audit = Audit::open(policy)?;
     let vault = connect(cli, policy).await?;
-    let opts = options(policy, false);
-    let (latest, events) = match apply::rotate_now(
+    let opts = ApplyOptions::for_policy(policy, false);
+    let out = apply::rotate_now(
         &vault,
         &policy.state,
         (&mount, &name),
@@ -359,53 +419,29 @@ async fn rotate(
         &opts,
         &Timestamp::now,
     )
-    .await
-    {
-        Ok(r) => r,
-        Err(e) => {
-            let failed = Event::new(
-                &opts.run_id,
-                EventKind::Failed,
-                Timestamp::now(),
-                e.to_string(),
-            )
-            .for_key(&mount, key);
-            if let Some(a) = audit.as_mut() {
-                let _ = a.append(std::slice::from_ref(&failed));
-            }
-            let _ = keyroll::notify::deliver(&policy.notify, &opts.run_id, &[failed]).await;
-            return Err(match e {
-                apply::RotateError::Vault(v) => anyhow::Error::new(v),
-                apply::RotateError::Lock(l) => anyhow::Error::new(l),
-            });
-        }
-    };
-    let report = ApplyReport {
-        run_id: opts.run_id.clone(),
-        dry_run: false,
-        keys: Vec::new(),
-        events,
-    };
+    .await;
+    audit.append(&out.events);
     let mut codes = vec![exit::OK];
-    let mut all = report.events.clone();
-    for f in keyroll::notify::deliver(&policy.notify, &report.run_id, &report.events).await {
-        eprintln!("keyroll: error: {f}");
-        codes.push(exit::NOTIFY_FAILED);
-        all.push(Event::new(
-            &report.run_id,
-            EventKind::NotifyFailed,
-            Timestamp::now(),
-            f.to_string(),
-        ));
+    codes.extend(notify(policy, &opts.run_id, &out.events, &mut audit).await);
+    if audit.failed {
+        codes.push(exit::FAILURE);
     }
-    if let Some(a) = audit.as_mut() {
-        a.append(&all).context("writing the audit log")?;
+    if let (Some(class), Some(e)) = (out.failure, &out.error) {
+        codes.push(exit::of_class(class));
+        print_errors(std::iter::once((key.to_string(), e.clone())));
+        return Ok(exit::worst(codes));
     }
+    let latest = out
+        .actions
+        .iter()
+        .find(|d| d.action.verb() == "rotate")
+        .and_then(|d| d.version);
     #[derive(Serialize)]
     struct RotateOut<'a> {
         key: &'a str,
         mount: &'a str,
-        latest_version: u32,
+        #[serde(skip_serializing_if = "Option::is_none")]
+        latest_version: Option<u32>,
         retired_previous: bool,
         events: &'a [Event],
     }
@@ -416,11 +452,12 @@ async fn rotate(
             mount: &mount,
             latest_version: latest,
             retired_previous: retire_previous,
-            events: &report.events,
+            events: &out.events,
         },
         || {
             format!(
-                "rotated {mount}/keys/{key} to v{latest}{}",
+                "rotated {mount}/keys/{key} to {}{}",
+                latest.map_or("a new version".to_string(), |v| format!("v{v}")),
                 if retire_previous {
                     "; earlier versions retired"
                 } else {
@@ -660,7 +697,7 @@ fn shutdown_signal() -> anyhow::Result<watch::Receiver<bool>> {
 
 async fn daemon(cli: &Cli, mut policy: Policy, interval: Span) -> anyhow::Result<u8> {
     let mut shutdown = shutdown_signal()?;
-    let mut audit = open_audit(&policy)?;
+    let mut audit = Audit::open(&policy)?;
     let vault = connect(cli, &policy).await?;
     let keepalive = {
         let vault = vault.clone();
@@ -669,12 +706,14 @@ async fn daemon(cli: &Cli, mut policy: Policy, interval: Span) -> anyhow::Result
     };
     tracing::info!(keys = policy.keys.len(), interval = %interval, "keyroll run started");
     loop {
+        audit.failed = false;
         let report = apply::apply(
             &vault,
             &policy,
-            &options(&policy, false),
+            &ApplyOptions::for_policy(&policy, false),
             &Timestamp::now,
             &shutdown,
+            &mut |k| audit.append(&k.events),
         )
         .await;
         let code = finish(cli, &policy, &report, &mut audit).await;

@@ -35,6 +35,13 @@ pub enum Fault {
     /// Forward, then replace the answer's `Date` header with the proxy's own clock shifted by
     /// this many seconds (negative: Vault's clock looks behind, i.e. ours looks fast).
     ShiftDate(i64),
+    /// Hold the request this long, then forward it and relay Vault's answer: a slow but
+    /// successful request (`Delay(Duration::ZERO)` passes one request through a counted rule).
+    /// The request reaches Vault after the delay even if the client gave up meanwhile.
+    Delay(Duration),
+    /// Forward the request at once (Vault applies or answers it now), then hold Vault's answer
+    /// this long before relaying it: what the client learns is older than Vault's state.
+    DelayAnswer(Duration),
 }
 
 /// A rule: requests whose method matches (any when `None`) and whose path (with query) contains
@@ -353,6 +360,26 @@ fn handle(mut conn: TcpStream, up: &str, state: &Mutex<State>, stop: &AtomicBool
             }
             0
         }
+        Some(Fault::Delay(d)) => {
+            thread::sleep(d);
+            match forward(up, &req) {
+                Some(resp) => {
+                    forwarded = true;
+                    let _ = conn.write_all(&resp);
+                    status_of(&resp)
+                }
+                None => 0,
+            }
+        }
+        Some(Fault::DelayAnswer(d)) => match forward(up, &req) {
+            Some(resp) => {
+                forwarded = true;
+                thread::sleep(d);
+                let _ = conn.write_all(&resp);
+                status_of(&resp)
+            }
+            None => 0,
+        },
         Some(Fault::Stall) => {
             while !stop.load(Ordering::SeqCst) {
                 thread::sleep(Duration::from_millis(100));
