@@ -436,7 +436,7 @@ impl Watcher {
         self.next_change = set.next_change;
         let d = digest(&set);
         let opts = self.cfg.publish_options();
-        let outcome = keyroll::publish::publish(&self.cfg.output_dir, &set, &opts);
+        let outcome = keyroll::publish::publish(&self.cfg.output_dir, &set, None, &opts);
         match outcome {
             Ok(keyroll::publish::PublishOutcome::Unchanged) => {
                 self.shared.with(|s| s.publish_error = None);
