@@ -3,7 +3,12 @@
 //!
 //! Two stages, as for the rotator's policy: `toml` deserializes a raw shape that refuses unknown
 //! fields, then [`Config::from_toml`] validates it into types nothing downstream checks again.
-//! Every error names the file, the line and the field (`sidecar.toml:14: keys.domain: ...`).
+//! Every error names the file, the line and the field (`sidecar.toml:14: keys.domain: ...`):
+//! a bad value points at its own line, a missing field at the line of the table that lacks it
+//! (line 1 for the top level), and TOML's own errors (wrong type, unknown field) are given the
+//! field written on the line they point at. Every duration has a named upper bound, and
+//! everything that ends up in a file name or KeyTable (domains, selectors, the output directory)
+//! is checked here, so a bad value stops the sidecar at load (exit 64), not at its first render.
 //! Loading reads two small files besides the config itself: the `/refresh` bearer token (so a
 //! changed token file is picked up by a config reload) and, for `owner`, the user database.
 
@@ -14,7 +19,7 @@ use std::time::Duration;
 
 use keyroll::config::{line_col, ConfigError, RawVault, VaultSettings};
 use keyroll::duration::Span;
-use keyroll::render::{OpenDkimSpec, OutputSpec, PemSpec, DEFAULT_SELECTOR_TEMPLATE};
+use keyroll::render::{opendkim, OpenDkimSpec, OutputSpec, PemSpec, DEFAULT_SELECTOR_TEMPLATE};
 use keyroll::KeyName;
 use secrecy::SecretString;
 use serde::Deserialize;
@@ -27,26 +32,39 @@ pub const DEFAULT_PUBLIC_FILE_MODE: u32 = keyroll::publish::DEFAULT_PUBLIC_FILE_
 pub const DEFAULT_POLL_INTERVAL: Duration = Duration::from_secs(30);
 /// Shortest poll interval accepted: one metadata read per key per interval must stay cheap.
 pub const MIN_POLL_INTERVAL: Duration = Duration::from_millis(100);
+/// Longest poll interval accepted: a day. Longer would leave a rotation undelivered for days
+/// (and an absurd value would overflow the clock).
+pub const MAX_POLL_INTERVAL: Duration = Duration::from_secs(24 * 3600);
+/// How long a superseded snapshot stays readable (see `keyroll::publish`).
+pub const DEFAULT_SNAPSHOT_GRACE: Duration = keyroll::publish::DEFAULT_SNAPSHOT_GRACE;
+/// Longest grace accepted for superseded snapshots: a day.
+pub const MAX_SNAPSHOT_GRACE: Duration = Duration::from_secs(24 * 3600);
+/// Longest staged activation accepted: 90 days (DNS propagation takes hours, not months).
+pub const MAX_ACTIVATE_AFTER: Duration = Duration::from_secs(90 * 86_400);
+/// Longest reload timeout accepted: 10 minutes.
+pub const MAX_RELOAD_TIMEOUT: Duration = Duration::from_secs(600);
 pub const DEFAULT_POLL_JITTER: f64 = 0.10;
 /// Jitter above this would make "poll interval" meaningless.
 pub const MAX_POLL_JITTER: f64 = 0.5;
 pub const DEFAULT_LISTEN: &str = "127.0.0.1:8901";
 pub const DEFAULT_RELOAD_TIMEOUT: Duration = Duration::from_secs(10);
+/// Failed attempts before a reload failure is reported (`/healthz`, ERROR); retries go on.
 pub const DEFAULT_RELOAD_ATTEMPTS: u32 = 5;
-/// Cap on reload attempts per publish: a mailer that never reloads must not be hammered forever.
 pub const MAX_RELOAD_ATTEMPTS: u32 = 20;
+/// Longest process name the kernel keeps in `/proc/<pid>/comm`.
+pub const MAX_PROCESS_NAME: usize = 255;
 
 #[derive(Debug, Deserialize, Default)]
 #[serde(deny_unknown_fields)]
 struct RawConfig {
-    #[serde(default)]
-    vault: RawVault,
+    vault: Option<Spanned<RawVault>>,
     output_dir: Option<Spanned<PathBuf>>,
     file_mode: Option<Spanned<String>>,
     public_file_mode: Option<Spanned<String>>,
     owner: Option<Spanned<String>>,
     poll_interval: Option<Spanned<String>>,
     poll_jitter: Option<Spanned<String>>,
+    snapshot_grace: Option<Spanned<String>>,
     listen: Option<Spanned<RawListen>>,
     reload: Option<Spanned<RawReload>>,
     #[serde(default)]
@@ -66,11 +84,12 @@ struct RawListen {
 struct RawReload {
     signal: Option<String>,
     pidfile: Option<PathBuf>,
+    process: Option<Spanned<String>>,
     command: Option<Vec<String>>,
     url: Option<String>,
     method: Option<String>,
-    timeout: Option<Span>,
-    attempts: Option<u32>,
+    timeout: Option<Spanned<String>>,
+    attempts: Option<Spanned<u32>>,
 }
 
 #[derive(Debug, Deserialize, Default)]
@@ -80,9 +99,9 @@ struct RawKey {
     mount: Option<String>,
     format: Option<String>,
     // opendkim
-    domain: Option<String>,
-    selector: Option<String>,
-    activate_after: Option<Span>,
+    domain: Option<Spanned<String>>,
+    selector: Option<Spanned<String>>,
+    activate_after: Option<Spanned<String>>,
     // pem
     private: Option<bool>,
     public: Option<bool>,
@@ -139,10 +158,12 @@ impl ReloadSignal {
 /// How the mailer is told to re-read its files.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum ReloadMethod {
-    /// Send `signal` to the PID in `pidfile` (re-read on every reload).
+    /// Send `signal` to the PID in `pidfile` (re-read on every reload), once that PID is
+    /// checked to be the mailer (`process`: its expected name, if given).
     Signal {
         signal: ReloadSignal,
         pidfile: PathBuf,
+        process: Option<String>,
     },
     /// Run a program (no shell); success is exit status 0 within the timeout.
     Command { argv: Vec<String> },
@@ -155,6 +176,7 @@ pub enum ReloadMethod {
 pub struct ReloadSettings {
     pub method: ReloadMethod,
     pub timeout: Duration,
+    /// Failed attempts before the failure is reported; retries go on with capped backoff.
     pub attempts: u32,
 }
 
@@ -193,8 +215,10 @@ pub struct Config {
     pub public_file_mode: u32,
     pub owner: Option<(Option<u32>, Option<u32>)>,
     pub poll_interval: Duration,
-    /// Fraction of `poll_interval` each wait may be shortened or lengthened by.
+    /// Fraction of `poll_interval` each wait may be shortened by (never lengthened).
     pub poll_jitter: f64,
+    /// How long a superseded snapshot stays readable.
+    pub snapshot_grace: Duration,
     pub listen: ListenSettings,
     pub reload: Option<ReloadSettings>,
     pub keys: Vec<KeySpec>,
@@ -208,8 +232,7 @@ impl Config {
 
     /// Validates config text; `path` names the file in messages and anchors relative paths.
     pub fn from_toml(path: &Path, text: &str) -> Result<Self, ConfigError> {
-        let raw: RawConfig =
-            toml::from_str(text).map_err(|e| ConfigError::from_toml(path, text, e))?;
+        let raw: RawConfig = toml::from_str(text).map_err(|e| toml_error(path, text, e))?;
         let line_of = |span: std::ops::Range<usize>| line_col(text, span.start).0;
         let at = |line: usize, field: &str, reason: String| ConfigError::Invalid {
             path: path.to_path_buf(),
@@ -223,11 +246,16 @@ impl Config {
         };
         let base = std::path::absolute(&base).unwrap_or(base);
 
-        let vault = VaultSettings::from_raw(raw.vault, &base).map_err(|(f, r)| at(0, f, r))?;
+        let (vault_line, raw_vault) = match raw.vault {
+            Some(v) => (line_of(v.span()), v.into_inner()),
+            None => (TOP_LINE, RawVault::default()),
+        };
+        let vault =
+            VaultSettings::from_raw(raw_vault, &base).map_err(|(f, r)| at(vault_line, f, r))?;
 
         let output_dir = raw.output_dir.ok_or_else(|| {
             at(
-                0,
+                TOP_LINE,
                 "output_dir",
                 "missing; give the directory the mailer reads, e.g. \"/etc/opendkim/keyroll\""
                     .into(),
@@ -264,27 +292,28 @@ impl Config {
                 Some(parse_owner(s.get_ref()).map_err(|r| at(line, "owner", r))?)
             }
         };
-        let poll_interval = match raw.poll_interval {
-            None => DEFAULT_POLL_INTERVAL,
+        let bounded = |v: Option<Spanned<String>>,
+                       field: &str,
+                       default: Duration,
+                       (min, max): (Duration, Duration)| match v {
+            None => Ok(default),
             Some(s) => {
                 let line = line_of(s.span());
-                let d = Span::parse(s.get_ref())
-                    .map_err(|r| at(line, "poll_interval", r))?
-                    .std();
-                if d < MIN_POLL_INTERVAL {
-                    return Err(at(
-                        line,
-                        "poll_interval",
-                        format!(
-                            "{:?} is below the minimum of {}ms",
-                            s.get_ref(),
-                            MIN_POLL_INTERVAL.as_millis()
-                        ),
-                    ));
-                }
-                d
+                parse_bounded(s.get_ref(), min, max).map_err(|r| at(line, field, r))
             }
         };
+        let poll_interval = bounded(
+            raw.poll_interval,
+            "poll_interval",
+            DEFAULT_POLL_INTERVAL,
+            (MIN_POLL_INTERVAL, MAX_POLL_INTERVAL),
+        )?;
+        let snapshot_grace = bounded(
+            raw.snapshot_grace,
+            "snapshot_grace",
+            DEFAULT_SNAPSHOT_GRACE,
+            (Duration::from_secs(1), MAX_SNAPSHOT_GRACE),
+        )?;
         let poll_jitter = match raw.poll_jitter {
             None => DEFAULT_POLL_JITTER,
             Some(s) => {
@@ -296,7 +325,7 @@ impl Config {
         let listen = {
             let (line, l) = match raw.listen {
                 Some(s) => (line_of(s.span()), s.into_inner()),
-                None => (0, RawListen::default()),
+                None => (TOP_LINE, RawListen::default()),
             };
             let address_text = l.address.unwrap_or_else(|| DEFAULT_LISTEN.into());
             let address: SocketAddr = address_text.parse().map_err(|_| {
@@ -334,7 +363,10 @@ impl Config {
             None => None,
             Some(s) => {
                 let line = line_of(s.span());
-                Some(reload_settings(s.into_inner(), &base).map_err(|(f, r)| at(line, f, r))?)
+                Some(
+                    reload_settings(s.into_inner(), &base, &line_of)
+                        .map_err(|(l, f, r)| at(l.unwrap_or(line), f, r))?,
+                )
             }
         };
 
@@ -342,7 +374,8 @@ impl Config {
         let mut seen = BTreeSet::new();
         for spanned in raw.keys {
             let line = line_of(spanned.span());
-            let key = key_spec(spanned.into_inner(), line).map_err(|(f, r)| at(line, f, r))?;
+            let key = key_spec(spanned.into_inner(), line, &line_of)
+                .map_err(|(l, f, r)| at(l.unwrap_or(line), f, r))?;
             if !seen.insert((key.mount.clone(), key.name.clone(), key.format())) {
                 return Err(at(
                     line,
@@ -356,11 +389,15 @@ impl Config {
                     ),
                 ));
             }
+            if matches!(key.output, OutputSpec::OpenDkim(_)) {
+                opendkim::keytable_dir(&output_dir)
+                    .map_err(|e| at(od_line, "output_dir", e.to_string()))?;
+            }
             keys.push(key);
         }
         if keys.is_empty() {
             return Err(at(
-                0,
+                TOP_LINE,
                 "keys",
                 "no [[keys]] entries; the sidecar would have nothing to deliver".into(),
             ));
@@ -375,6 +412,7 @@ impl Config {
             owner,
             poll_interval,
             poll_jitter,
+            snapshot_grace,
             listen,
             reload,
             keys,
@@ -386,25 +424,107 @@ impl Config {
             file_mode: self.file_mode,
             public_file_mode: self.public_file_mode,
             owner: self.owner,
+            grace: self.snapshot_grace,
             ..Default::default()
         }
     }
 }
 
-fn key_spec(k: RawKey, line: usize) -> Result<KeySpec, (&'static str, String)> {
-    let name = k
-        .name
-        .ok_or(("keys.name", "every [[keys]] entry needs a name".to_string()))?;
-    let name = KeyName::new(&name).map_err(|e| ("keys.name", e.to_string()))?;
+/// The line reported for a field missing from the top-level table (which starts at line 1).
+const TOP_LINE: usize = 1;
+
+/// A field's problem: the line of its value when known (else the caller's table line), the
+/// field, the reason.
+type FieldError = (Option<usize>, &'static str, String);
+
+/// Turns a TOML error into `file:line: field: message` when it points at a `key = value` line
+/// (wrong type, unknown field, bad value), else `file:line:col: message` (broken syntax). Never
+/// echoes the source line: a misplaced secret must not be printed back.
+fn toml_error(path: &Path, text: &str, e: toml::de::Error) -> ConfigError {
+    let field = e.span().and_then(|s| field_at(text, s.start));
+    match (field, e.span()) {
+        (Some(field), Some(span)) => ConfigError::Invalid {
+            path: path.to_path_buf(),
+            line: line_col(text, span.start).0,
+            field,
+            reason: e.message().trim().replace('\n', " "),
+        },
+        _ => ConfigError::from_toml(path, text, e),
+    }
+}
+
+/// The dotted field name written on the line holding byte `offset` (`keys.format` for a
+/// `format = ...` line under `[[keys]]`), if that line is a `key = value` line.
+pub(crate) fn field_at(text: &str, offset: usize) -> Option<String> {
+    let offset = offset.min(text.len());
+    let start = text[..offset].rfind('\n').map(|i| i + 1).unwrap_or(0);
+    let line = text[start..].lines().next().unwrap_or("");
+    let (key, _) = line.split_once('=')?;
+    let key: String = key
+        .trim()
+        .split('.')
+        .map(|p| p.trim().trim_matches('"').trim_matches('\''))
+        .collect::<Vec<_>>()
+        .join(".");
+    if key.is_empty()
+        || !key
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-' || b == b'.')
+    {
+        return None;
+    }
+    let table = text[..start]
+        .lines()
+        .rev()
+        .map(str::trim)
+        .find(|l| l.starts_with('['))
+        .map(|l| l.trim_matches(|c| c == '[' || c == ']').trim().to_string())
+        .unwrap_or_default();
+    Some(if table.is_empty() {
+        key
+    } else {
+        format!("{table}.{key}")
+    })
+}
+
+/// A duration in `[min, max]`, written like `30s`.
+pub fn parse_bounded(s: &str, min: Duration, max: Duration) -> Result<Duration, String> {
+    let d = Span::parse(s)?.std();
+    if d < min {
+        return Err(format!("{s:?} is below the minimum of {}", human(min)));
+    }
+    if d > max {
+        return Err(format!("{s:?} is above the maximum of {}", human(max)));
+    }
+    Ok(d)
+}
+
+fn human(d: Duration) -> String {
+    Span::from(d).to_string()
+}
+
+fn key_spec(
+    k: RawKey,
+    line: usize,
+    line_of: &dyn Fn(std::ops::Range<usize>) -> usize,
+) -> Result<KeySpec, FieldError> {
+    let name = k.name.ok_or((
+        None,
+        "keys.name",
+        "every [[keys]] entry needs a name".to_string(),
+    ))?;
+    let name = KeyName::new(&name).map_err(|e| (None, "keys.name", e.to_string()))?;
     let mount = k.mount.unwrap_or_else(|| DEFAULT_MOUNT.into());
-    keyroll::policy::check_mount(&mount).map_err(|r| ("keys.mount", r))?;
+    keyroll::policy::check_mount(&mount).map_err(|r| (None, "keys.mount", r))?;
     let format = k.format.ok_or((
+        None,
         "keys.format",
         format!("key {name} has no format; use opendkim, pem or keyring-json"),
     ))?;
-    let only = |field: &'static str, set: bool, fmt: &str| -> Result<(), (&'static str, String)> {
+    let only = |field: &'static str, set: bool, fmt: &str| -> Result<(), FieldError> {
         if set {
             Err((
+                None,
                 field,
                 format!("applies to format = \"{fmt}\" only; key {name} is {format}"),
             ))
@@ -413,7 +533,7 @@ fn key_spec(k: RawKey, line: usize) -> Result<KeySpec, (&'static str, String)> {
         }
     };
     // Fields only the opendkim format reads, refused elsewhere (pem and keyring-json).
-    let no_opendkim_fields = || -> Result<(), (&'static str, String)> {
+    let no_opendkim_fields = || -> Result<(), FieldError> {
         only("keys.domain", k.domain.is_some(), "opendkim")?;
         only("keys.selector", k.selector.is_some(), "opendkim")?;
         only(
@@ -426,27 +546,38 @@ fn key_spec(k: RawKey, line: usize) -> Result<KeySpec, (&'static str, String)> {
         "opendkim" => {
             only("keys.private", k.private.is_some(), "pem")?;
             only("keys.public", k.public.is_some(), "pem")?;
-            let domain = k.domain.ok_or((
+            let domain = k.domain.clone().ok_or((
+                None,
                 "keys.domain",
                 format!("key {name} is delivered for OpenDKIM and needs the signing domain"),
             ))?;
+            let domain_line = Some(line_of(domain.span()));
+            let domain = domain.into_inner();
             let domain = domain.trim_end_matches('.').to_ascii_lowercase();
-            let selector_template = k
-                .selector
-                .unwrap_or_else(|| DEFAULT_SELECTOR_TEMPLATE.into());
-            if !selector_template.contains("{version}") {
-                return Err((
-                    "keys.selector",
-                    format!(
-                        "{selector_template:?} has no {{version}}; every version needs its own \
-                         selector (DKIM selectors are never reused)"
-                    ),
-                ));
+            opendkim::validate_domain(&domain).map_err(|r| (domain_line, "keys.domain", r))?;
+            let (selector_line, selector_template) = match k.selector.clone() {
+                Some(s) => (Some(line_of(s.span())), s.into_inner()),
+                None => (None, DEFAULT_SELECTOR_TEMPLATE.to_string()),
+            };
+            // The first and the largest version bound every selector the template can give.
+            for v in [1, u32::MAX] {
+                opendkim::selector(&selector_template, name.as_str(), v)
+                    .map_err(|r| (selector_line, "keys.selector", r))?;
             }
+            let activate_after = match k.activate_after.clone() {
+                None => None,
+                Some(s) => {
+                    let l = Some(line_of(s.span()));
+                    Some(
+                        parse_bounded(s.get_ref(), Duration::from_secs(1), MAX_ACTIVATE_AFTER)
+                            .map_err(|r| (l, "keys.activate_after", r))?,
+                    )
+                }
+            };
             OutputSpec::OpenDkim(OpenDkimSpec {
                 domain,
                 selector_template,
-                activate_after: k.activate_after.map(Span::std),
+                activate_after,
             })
         }
         "pem" => {
@@ -457,6 +588,7 @@ fn key_spec(k: RawKey, line: usize) -> Result<KeySpec, (&'static str, String)> {
             };
             if !spec.private && !spec.public {
                 return Err((
+                    None,
                     "keys.private",
                     "private = false and public = false leaves nothing to write".into(),
                 ));
@@ -471,6 +603,7 @@ fn key_spec(k: RawKey, line: usize) -> Result<KeySpec, (&'static str, String)> {
         }
         other => {
             return Err((
+                None,
                 "keys.format",
                 format!("{other:?} is not a format; use opendkim, pem or keyring-json"),
             ))
@@ -484,35 +617,87 @@ fn key_spec(k: RawKey, line: usize) -> Result<KeySpec, (&'static str, String)> {
     })
 }
 
-fn reload_settings(r: RawReload, base: &Path) -> Result<ReloadSettings, (&'static str, String)> {
-    let timeout = r.timeout.map(Span::std).unwrap_or(DEFAULT_RELOAD_TIMEOUT);
-    let attempts = r.attempts.unwrap_or(DEFAULT_RELOAD_ATTEMPTS);
-    if attempts == 0 || attempts > MAX_RELOAD_ATTEMPTS {
+fn reload_settings(
+    r: RawReload,
+    base: &Path,
+    line_of: &dyn Fn(std::ops::Range<usize>) -> usize,
+) -> Result<ReloadSettings, FieldError> {
+    let timeout = match r.timeout {
+        None => DEFAULT_RELOAD_TIMEOUT,
+        Some(s) => {
+            let l = Some(line_of(s.span()));
+            parse_bounded(s.get_ref(), Duration::from_millis(1), MAX_RELOAD_TIMEOUT)
+                .map_err(|e| (l, "reload.timeout", e))?
+        }
+    };
+    let attempts = match r.attempts {
+        None => DEFAULT_RELOAD_ATTEMPTS,
+        Some(s) => {
+            let a = *s.get_ref();
+            if a == 0 || a > MAX_RELOAD_ATTEMPTS {
+                return Err((
+                    Some(line_of(s.span())),
+                    "reload.attempts",
+                    format!("{a} is out of range; use 1..={MAX_RELOAD_ATTEMPTS}"),
+                ));
+            }
+            a
+        }
+    };
+    let exactly_one = "give exactly one of signal + pidfile, command, or url";
+    if r.process.is_some() && r.pidfile.is_none() {
+        let s = r.process.as_ref().map(|p| line_of(p.span()));
         return Err((
-            "reload.attempts",
-            format!("{attempts} is out of range; use 1..={MAX_RELOAD_ATTEMPTS}"),
+            s,
+            "reload.process",
+            "names the process a pidfile must point at; it needs signal + pidfile".into(),
         ));
     }
-    let exactly_one = "give exactly one of signal + pidfile, command, or url";
     let method = match (r.signal, r.pidfile, r.command, r.url) {
         (Some(sig), Some(pidfile), None, None) => {
             let signal = ReloadSignal::parse(&sig).ok_or((
+                None,
                 "reload.signal",
                 format!("{sig:?} is not a reload signal; use SIGHUP, SIGUSR1 or SIGUSR2"),
             ))?;
+            let process = match r.process {
+                None => None,
+                Some(p) => {
+                    let l = Some(line_of(p.span()));
+                    let name = p.into_inner();
+                    if name.is_empty()
+                        || name.len() > MAX_PROCESS_NAME
+                        || name.contains('/')
+                        || name.chars().any(char::is_control)
+                    {
+                        return Err((
+                            l,
+                            "reload.process",
+                            format!(
+                                "{name:?} is not a process name; give the mailer's program name, \
+                                 e.g. \"opendkim\""
+                            ),
+                        ));
+                    }
+                    Some(name)
+                }
+            };
             ReloadMethod::Signal {
                 signal,
                 pidfile: base.join(pidfile),
+                process,
             }
         }
         (Some(_), None, None, None) => {
             return Err((
+                None,
                 "reload.pidfile",
                 "signal needs a pidfile naming the mailer's process".into(),
             ))
         }
         (None, Some(_), None, None) => {
             return Err((
+                None,
                 "reload.signal",
                 "pidfile needs a signal: SIGUSR1 for OpenDKIM, SIGHUP for most others".into(),
             ))
@@ -520,6 +705,7 @@ fn reload_settings(r: RawReload, base: &Path) -> Result<ReloadSettings, (&'stati
         (None, None, Some(argv), None) => {
             if argv.is_empty() || argv[0].is_empty() {
                 return Err((
+                    None,
                     "reload.command",
                     "is empty; give the program and its arguments, e.g. [\"postfix\", \"reload\"]"
                         .into(),
@@ -529,20 +715,24 @@ fn reload_settings(r: RawReload, base: &Path) -> Result<ReloadSettings, (&'stati
         }
         (None, None, None, Some(url)) => {
             let u = url::Url::parse(&url)
-                .map_err(|e| ("reload.url", format!("{url:?} is not a URL: {e}")))?;
+                .map_err(|e| (None, "reload.url", format!("{url:?} is not a URL: {e}")))?;
             if !matches!(u.scheme(), "http" | "https") {
-                return Err(("reload.url", format!("{url} must be http or https")));
+                return Err((None, "reload.url", format!("{url} must be http or https")));
             }
             let method = r
                 .method
                 .unwrap_or_else(|| "POST".into())
                 .to_ascii_uppercase();
             if !matches!(method.as_str(), "GET" | "POST" | "PUT") {
-                return Err(("reload.method", format!("{method:?}: use GET, POST or PUT")));
+                return Err((
+                    None,
+                    "reload.method",
+                    format!("{method:?}: use GET, POST or PUT"),
+                ));
             }
             ReloadMethod::Url { url, method }
         }
-        _ => return Err(("reload", exactly_one.into())),
+        _ => return Err((None, "reload", exactly_one.into())),
     };
     Ok(ReloadSettings {
         method,
@@ -684,7 +874,8 @@ activate_after = "48h"
             c.reload.unwrap().method,
             ReloadMethod::Signal {
                 signal: ReloadSignal::Usr1,
-                pidfile: "/run/opendkim/opendkim.pid".into()
+                pidfile: "/run/opendkim/opendkim.pid".into(),
+                process: None,
             }
         );
     }
@@ -749,6 +940,120 @@ activate_after = "48h"
         let e = load("output_dir = \"/o\"\n[[keys]]\nname = \"k\"\nformat = \"opendkim\"\ndomain = \"x.org\"\nselector = \"fixed\"\n")
             .unwrap_err();
         assert!(e.contains("keys.selector"), "{e}");
+    }
+
+    #[test]
+    fn every_duration_has_a_bound_and_the_error_points_at_its_line() {
+        let key = "[[keys]]\nname = \"k\"\nformat = \"opendkim\"\ndomain = \"x.org\"\n";
+        for (text, want) in [
+            (
+                format!("output_dir = \"/o\"\npoll_interval = \"18446744073709551615s\"\n{key}"),
+                ":2: poll_interval:",
+            ),
+            (
+                format!("output_dir = \"/o\"\npoll_interval = \"2d\"\n{key}"),
+                ":2: poll_interval: \"2d\" is above the maximum of 1day",
+            ),
+            (
+                format!("output_dir = \"/o\"\npoll_interval = \"10ms\"\n{key}"),
+                ":2: poll_interval: \"10ms\" is below",
+            ),
+            (
+                format!("output_dir = \"/o\"\nsnapshot_grace = \"2d\"\n{key}"),
+                ":2: snapshot_grace:",
+            ),
+            (
+                format!("output_dir = \"/o\"\n{key}activate_after = \"91d\"\n"),
+                ":6: keys.activate_after:",
+            ),
+            (
+                format!(
+                    "output_dir = \"/o\"\n[reload]\ncommand = [\"x\"]\ntimeout = \"1h\"\n{key}"
+                ),
+                ":4: reload.timeout:",
+            ),
+            (
+                format!("output_dir = \"/o\"\n[reload]\ncommand = [\"x\"]\nattempts = 0\n{key}"),
+                ":4: reload.attempts:",
+            ),
+        ] {
+            let e = load(&text).unwrap_err();
+            assert!(e.contains(want), "want {want:?} in {e}");
+        }
+        let c = load(&format!("output_dir = \"/o\"\npoll_interval = \"1day\"\nsnapshot_grace = \"5s\"\n{key}activate_after = \"90d\"\n")).unwrap();
+        assert_eq!(c.poll_interval, MAX_POLL_INTERVAL);
+        assert_eq!(c.snapshot_grace, Duration::from_secs(5));
+        assert_eq!(c.publish_options().grace, Duration::from_secs(5));
+    }
+
+    #[test]
+    fn names_that_end_up_in_paths_are_checked_at_load() {
+        let base = "output_dir = \"/o\"\n[[keys]]\nname = \"k\"\nformat = \"opendkim\"\n";
+        for (extra, want) in [
+            ("domain = \"../../etc\"\n", ":5: keys.domain:"),
+            ("domain = \"a/b.org\"\n", ":5: keys.domain:"),
+            (
+                "domain = \"x.org\"\nselector = \"../{version}\"\n",
+                ":6: keys.selector:",
+            ),
+            (
+                "domain = \"x.org\"\nselector = \"{name}/{version}\"\n",
+                ":6: keys.selector:",
+            ),
+            // The largest version must still give a DNS label (63 characters at most).
+            (
+                &format!(
+                    "domain = \"x.org\"\nselector = \"{}{{version}}\"\n",
+                    "s".repeat(60)
+                ),
+                ":6: keys.selector:",
+            ),
+        ] {
+            let e = load(&format!("{base}{extra}")).unwrap_err();
+            assert!(e.contains(want), "{extra}: want {want:?} in {e}");
+        }
+        let e = load("output_dir = \"/o u t\"\n[[keys]]\nname = \"k\"\nformat = \"opendkim\"\ndomain = \"x.org\"\n").unwrap_err();
+        assert!(
+            e.contains(":1: output_dir:") && e.contains("KeyTable"),
+            "{e}"
+        );
+        // Not an opendkim key: the same directory is fine.
+        load("output_dir = \"/o u t\"\n[[keys]]\nname = \"k\"\nformat = \"pem\"\n").unwrap();
+    }
+
+    #[test]
+    fn toml_errors_on_a_key_line_name_the_field() {
+        let e = load(&format!("{MIN}[reload]\ncommand = \"not-a-list\"\n")).unwrap_err();
+        assert!(e.starts_with("/etc/sidecar.toml:6: reload.command:"), "{e}");
+        let e = load("output_dir = 7\n").unwrap_err();
+        assert!(e.starts_with("/etc/sidecar.toml:1: output_dir:"), "{e}");
+        // Broken syntax names the line and column.
+        let e = load("output_dir = \"/o\n").unwrap_err();
+        assert!(e.starts_with("/etc/sidecar.toml:1:"), "{e}");
+        let e = load("[[keys]]\nname = \"k\"\nformat = \"pem\"\n").unwrap_err();
+        assert!(
+            e.starts_with("/etc/sidecar.toml:1: output_dir: missing"),
+            "{e}"
+        );
+    }
+
+    #[test]
+    fn a_process_name_needs_a_pidfile_and_must_be_a_name() {
+        let e = load(&format!(
+            "{MIN}[reload]\ncommand = [\"x\"]\nprocess = \"opendkim\"\n"
+        ))
+        .unwrap_err();
+        assert!(e.contains(":7: reload.process:"), "{e}");
+        let e = load(&format!("{MIN}[reload]\nsignal = \"SIGUSR1\"\npidfile = \"/p\"\nprocess = \"/usr/sbin/opendkim\"\n")).unwrap_err();
+        assert!(e.contains(":8: reload.process:"), "{e}");
+        let c = load(&format!(
+            "{MIN}[reload]\nsignal = \"SIGUSR1\"\npidfile = \"/p\"\nprocess = \"opendkim\"\n"
+        ))
+        .unwrap();
+        assert!(matches!(
+            c.reload.unwrap().method,
+            ReloadMethod::Signal { process: Some(p), .. } if p == "opendkim"
+        ));
     }
 
     #[test]

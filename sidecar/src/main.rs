@@ -8,9 +8,15 @@
 mod app;
 mod backoff;
 mod config;
+mod deliver;
+mod desired;
+mod fetch;
 mod http;
+mod pidcheck;
 mod reload;
+mod renew;
 mod selfheal;
+mod state;
 mod status;
 mod watch;
 
