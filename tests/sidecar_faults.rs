@@ -222,7 +222,7 @@ fn sigkill_at_random_moments_during_rotation_never_leaves_a_torn_or_piling_up_di
     };
 
     // Kill anywhere from before the listener is up to a few publishes in.
-    let window = (to_ready * 3).clamp(Duration::from_millis(200), Duration::from_millis(1500));
+    let window = (to_ready * 2).clamp(Duration::from_millis(200), Duration::from_secs(1));
     let seed = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .unwrap()
@@ -234,7 +234,7 @@ fn sigkill_at_random_moments_during_rotation_never_leaves_a_torn_or_piling_up_di
     let mut fresh_checks = 0;
     let t0 = Instant::now();
     for i in 0..KILLS {
-        if i % 10 == 5 {
+        if i % 20 == 5 {
             // The first publish after a restart is current: the keyring's active version is
             // at least what Vault had when the process started.
             let floor = latest(bao, &ring);

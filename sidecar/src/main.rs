@@ -8,6 +8,8 @@
 mod app;
 mod backoff;
 mod config;
+#[cfg(test)]
+mod config_fuzz;
 mod deliver;
 mod desired;
 mod fetch;

@@ -316,11 +316,21 @@ impl Watcher {
             && r.vault_error.is_none()
             && self.key_errors.is_empty()
             && r.failed_keys.is_empty();
+        // Ready: every configured key's files are live (some may be the last good ones
+        // recovered after a restart while Vault cannot be asked).
+        let every_key_live = live_ok
+            && self
+                .cfg
+                .keys
+                .iter()
+                .all(|k| self.material.contains_key(&desired::id_of(k)));
         self.shared.with(|s| {
             s.counters.passes += 1;
             s.vault_error = r.vault_error.clone();
             if r.complete {
                 s.last_success = Some(Timestamp::now());
+            }
+            if every_key_live {
                 s.ready = true;
             }
         });
