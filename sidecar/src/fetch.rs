@@ -1,10 +1,16 @@
-//! Reading one key from Vault: its metadata (one cheap read), and its material only when the
+//! Reading keys from Vault: each key's metadata (one cheap read), and its material only when the
 //! key's fingerprint (type, latest version, usable versions, creation times, public keys)
-//! differs from the one already known. Also the error policy ([`classify`]): what counts as
-//! Vault being unavailable rather than one key being unreadable.
+//! differs from the one already known. Keys are read concurrently (at most
+//! [`MAX_CONCURRENT_READS`] at a time), so a pass over many keys takes about one round trip,
+//! not one per key; once Vault is found unavailable, keys not yet read are left unchecked.
+//! Also the error policy ([`classify`]): what counts as Vault being unavailable rather than one
+//! key being unreadable.
 //!
 //! HMAC keys: Vault reports no creation time for their versions; the sidecar passes the Unix
 //! epoch as "unknown", and the keyring renderer omits `created` for such versions.
+
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
 
 use jiff::Timestamp;
 use keyroll::render::{KeyMaterial, VersionMaterial};
@@ -15,6 +21,9 @@ use keyroll::KeyType;
 
 use crate::desired::KeyId;
 use crate::status::Shared;
+
+/// Vault requests one pass has in flight at most.
+pub const MAX_CONCURRENT_READS: usize = 8;
 
 /// Everything a key's export depends on; equal fingerprints mean equal material.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -55,6 +64,58 @@ pub enum Fetched {
         fingerprint: Fingerprint,
         material: KeyMaterial,
     },
+}
+
+/// The outcome for one key of [`fetch_all`].
+pub enum Read {
+    Done(Result<Fetched, (Severity, String)>),
+    /// Not read: Vault was found unavailable first.
+    NotChecked,
+}
+
+/// Reads every key of `keys` (with the fingerprint known for it), concurrently; results in the
+/// same order.
+pub async fn fetch_all(
+    vault: &Vault,
+    keys: Vec<(KeyId, Option<Fingerprint>)>,
+    shared: &Arc<Shared>,
+) -> Vec<(KeyId, Read)> {
+    let permits = Arc::new(tokio::sync::Semaphore::new(MAX_CONCURRENT_READS));
+    let down = Arc::new(AtomicBool::new(false));
+    let tasks: Vec<_> = keys
+        .into_iter()
+        .map(|(id, known)| {
+            let (vault, shared, permits, down) =
+                (vault.clone(), shared.clone(), permits.clone(), down.clone());
+            let span = tracing::info_span!("key", key = %id.1, mount = %id.0);
+            let task_id = id.clone();
+            let task = tokio::spawn(tracing::Instrument::instrument(
+                async move {
+                    let Ok(_permit) = permits.acquire().await else {
+                        return Read::NotChecked;
+                    };
+                    if down.load(Ordering::Relaxed) {
+                        return Read::NotChecked;
+                    }
+                    let r = fetch(&vault, &task_id, known.as_ref(), &shared).await;
+                    if matches!(r, Err((Severity::VaultDown, _))) {
+                        down.store(true, Ordering::Relaxed);
+                    }
+                    Read::Done(r)
+                },
+                span,
+            ));
+            (id, task)
+        })
+        .collect();
+    let mut out = Vec::with_capacity(tasks.len());
+    for (id, task) in tasks {
+        let r = task.await.unwrap_or_else(|e| {
+            Read::Done(Err((Severity::Key, format!("reading the key failed: {e}"))))
+        });
+        out.push((id, r));
+    }
+    out
 }
 
 /// Reads key `id`; exports it only if its fingerprint differs from `known`. Errors carry no key

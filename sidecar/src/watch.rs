@@ -32,7 +32,7 @@ use crate::backoff::{jittered, Backoff};
 use crate::config::Config;
 use crate::deliver::{self, Delivered, Deliverer, Recovery};
 use crate::desired::{self, Digest, Disk, KeyId, Plan};
-use crate::fetch::{self, Fetched, Fingerprint, Severity};
+use crate::fetch::{self, Fetched, Fingerprint, Read, Severity};
 use crate::reload::Reloads;
 use crate::renew::Renewal;
 use crate::selfheal;
@@ -217,6 +217,7 @@ impl Watcher {
                 }
                 Why::Full => {
                     let ticket = shared.pass_started();
+                    let started = Instant::now();
                     let r = self.full_pass().await;
                     shared.pass_finished(
                         ticket,
@@ -229,13 +230,15 @@ impl Watcher {
                         tracing::error!(error = %e, "cannot build the Vault client");
                         return Some(crate::app::EXIT_CONFIG);
                     }
-                    let wait = if r.vault_error.is_some() {
-                        vault_backoff.next()
+                    // Polls keep their cadence from the start of a pass: the time a pass takes
+                    // does not add to the interval.
+                    next_poll = if r.vault_error.is_some() {
+                        Instant::now() + vault_backoff.next()
                     } else {
                         vault_backoff.reset();
-                        jittered(self.cfg.poll_interval, self.cfg.poll_jitter)
+                        (started + jittered(self.cfg.poll_interval, self.cfg.poll_jitter))
+                            .max(Instant::now())
                     };
-                    next_poll = Instant::now() + wait;
                 }
             }
         }
@@ -352,20 +355,31 @@ impl Watcher {
                 .filter(|id| seen.insert(id.clone()))
                 .collect()
         };
-        for id in ids {
-            if let Some(e) = &result.vault_error {
-                // Keep the previous per-key verdict; the key was simply not checked.
-                self.key_errors
-                    .entry(id.clone())
-                    .or_insert_with(|| format!("not checked: {e}"));
-                if !self.material.contains_key(&id) {
-                    result.failed_keys.push(id.1.to_string());
-                }
-                continue;
-            }
+        let keys = ids
+            .into_iter()
+            .map(|id| {
+                let fp = self.fingerprints.get(&id).cloned();
+                (id, fp)
+            })
+            .collect();
+        let now = Timestamp::now();
+        for (id, read) in fetch::fetch_all(&vault, keys, &self.shared).await {
             let span = tracing::info_span!("key", key = %id.1, mount = %id.0);
             let _g = span.enter();
-            let fetched = fetch::fetch(&vault, &id, self.fingerprints.get(&id), &self.shared).await;
+            let fetched = match read {
+                Read::Done(r) => r,
+                Read::NotChecked => {
+                    // Keep the previous per-key verdict; the key was simply not checked.
+                    let e = result.vault_error.clone().unwrap_or_default();
+                    self.key_errors
+                        .entry(id.clone())
+                        .or_insert_with(|| format!("not checked: {e}"));
+                    if !self.material.contains_key(&id) {
+                        result.failed_keys.push(id.1.to_string());
+                    }
+                    continue;
+                }
+            };
             let checked = fetched.and_then(|f| match f {
                 Fetched::Same => Ok(()),
                 Fetched::New {
@@ -377,7 +391,7 @@ impl Watcher {
                         &self.cfg.output_dir,
                         &id,
                         &material,
-                        Timestamp::now(),
+                        now,
                     )
                     .map_err(|e| {
                         self.shared.with(|s| s.error("render"));
@@ -400,10 +414,13 @@ impl Watcher {
                     self.key_errors.remove(&id);
                 }
                 Err((Severity::VaultDown, msg)) => {
-                    tracing::warn!(error = %msg, "Vault unavailable; keeping the last good files");
-                    self.shared.with(|s| s.error("vault"));
+                    // Several reads in flight may all find Vault down: say it once per pass.
+                    if result.vault_error.is_none() {
+                        tracing::warn!(error = %msg, "Vault unavailable; keeping the last good files");
+                        self.shared.with(|s| s.error("vault"));
+                    }
                     self.key_errors.insert(id.clone(), msg.clone());
-                    result.vault_error = Some(msg);
+                    result.vault_error.get_or_insert(msg);
                 }
                 Err((Severity::Key, msg)) => {
                     if self.key_errors.get(&id) != Some(&msg) {
