@@ -19,6 +19,7 @@ bench/results.json. Nothing here is a pass/fail test.
 import json
 import os
 import random
+import shutil
 import signal
 import socket
 import statistics
@@ -412,6 +413,8 @@ def main():
                 p.wait(10)
             except Exception:
                 p.kill()
+        # The work directory holds exported private keys: never leave it behind.
+        shutil.rmtree(work, ignore_errors=True)
     report(results)
     with open(os.path.join(ROOT, "bench/results.json"), "w") as f:
         json.dump(results, f, indent=2)
@@ -440,7 +443,7 @@ def report(r):
     row(f"rotation->reload with new key, poll {p['interval']}s, mean", p["sidecar_new_key_mean"], p["agent_new_key_mean"])
     row(f"rotation->reload with new key, poll {p['interval']}s, max", p["sidecar_new_key_max"], p["agent_new_key_max"])
     pu = r["push_latency_s"]
-    row("rotation->reload via /refresh, median (s)", pu["median"], p["agent_median"])
+    row("rotation->reload via /refresh, median (s)", pu["median"], p["agent_new_key_median"])
     t = r["torn_reads"]
     row(f"torn reads over {t['rotations']} rotations", t["sidecar_torn"], t["agent_torn"], "{:.0f}")
     print(f"(reader checks: sidecar {t['sidecar_checks']}, agent {t['agent_checks']})")
