@@ -7,7 +7,9 @@ and "reload" a dummy mailer (a process recording when it gets SIGUSR1). Measured
   A. idle: RSS and CPU of each over IDLE_SECS (60) at a 30 s interval; Vault requests each made in
      that window (from the audit log, by token display name).
   B. rotation -> files swapped and reload sent: sidecar with the /refresh nudge (as the
-     rotator's webhook does); sidecar and Agent by polling alone at POLL_B.
+     rotator's webhook does); sidecar and Agent by polling alone at POLL_B, each rotation at a
+     uniformly random moment (a random pause first), so neither poller's phase is favoured:
+     waiting for the next poll then takes half an interval on average.
   C. torn reads: a reader checks, in a tight loop, that the "latest version" it reads is present
      in the key material it reads, over >= 100 rotations, for both.
 
@@ -16,6 +18,8 @@ bench/results.json. Nothing here is a pass/fail test.
 """
 import json
 import os
+import random
+import shutil
 import signal
 import socket
 import statistics
@@ -33,7 +37,7 @@ SIDECAR = os.environ.get("SIDECAR_BIN", os.path.join(TARGET, "release-small/keyr
 IDLE_SECS = int(os.environ.get("IDLE_SECS", "60"))
 POLL_B = 2.0
 PUSH_ROTATIONS = int(os.environ.get("PUSH_ROTATIONS", "20"))
-POLL_ROTATIONS = int(os.environ.get("POLL_ROTATIONS", "8"))
+POLL_ROTATIONS = int(os.environ.get("POLL_ROTATIONS", "60"))
 TORN_ROTATIONS = int(os.environ.get("TORN_ROTATIONS", "100"))
 CLK = os.sysconf("SC_CLK_TCK")
 
@@ -107,14 +111,27 @@ def tree_pids(pid):
 
 
 class Mailer:
-    """A stand-in mailer: records the time of every SIGUSR1."""
+    """A stand-in mailer: on every SIGUSR1 it records the time and, like a real mailer
+    re-reading its files, which versions of the probed key its files hold at that moment
+    (`probe`: the file, and "keyring" for the sidecar's keyring JSON or "export" for Agent's
+    export template)."""
 
-    def __init__(self, work, name):
+    def __init__(self, work, name, probe):
         self.log = os.path.join(work, f"{name}.reloads")
         self.pidfile = os.path.join(work, f"{name}.pid")
-        code = ("import signal,time,sys,os\n"
+        path, kind = probe
+        code = ("import signal,time,sys,os,json\n"
                 f"f=open({self.log!r},'a',buffering=1)\n"
-                "signal.signal(signal.SIGUSR1, lambda *a: f.write(repr(time.time())+'\\n'))\n"
+                "def versions():\n"
+                "    try:\n"
+                f"        d=json.load(open({path!r}))\n"
+                f"        return [int(v['version']) for v in d['versions']] if {kind!r}=='keyring' else [int(v) for v in d]\n"
+                "    except Exception:\n"
+                "        return []\n"
+                "def on(*a):\n"
+                "    t=time.time()\n"
+                "    f.write(repr(t)+' '+','.join(map(str,versions()))+'\\n')\n"
+                "signal.signal(signal.SIGUSR1, on)\n"
                 f"open({self.pidfile!r},'w').write(str(os.getpid()))\n"
                 "while True: signal.pause()\n")
         self.proc = subprocess.Popen([sys.executable, "-c", code])
@@ -122,11 +139,26 @@ class Mailer:
             time.sleep(0.01)
         self.pid = self.proc.pid
 
-    def times(self):
+    def entries(self):
+        """(time, versions held) per reload."""
+        out = []
         try:
-            return [float(x) for x in open(self.log).read().split()]
+            for line in open(self.log).read().splitlines():
+                t, _, vs = line.partition(" ")
+                out.append((float(t), {int(v) for v in vs.split(",") if v}))
         except OSError:
-            return []
+            pass
+        return out
+
+    def times(self):
+        return [t for t, _ in self.entries()]
+
+    def loaded(self, version, after):
+        """When the mailer first reloaded (after `after`) with `version` in its files."""
+        for t, vs in self.entries():
+            if t >= after and version in vs:
+                return t
+        return None
 
 
 def sidecar_config(out, port, poll, mailer):
@@ -225,9 +257,10 @@ def main():
         a_tok_file = os.path.join(work, "agent.token")
         open(a_tok_file, "w").write(a_tok)
 
-        ms, ma = Mailer(work, "mailer-sidecar"), Mailer(work, "mailer-agent")
-        procs += [ms.proc, ma.proc]
         s_out, a_out = os.path.join(work, "sidecar-out"), os.path.join(work, "agent-out")
+        ms = Mailer(work, "mailer-sidecar", (f"{s_out}/aes0.keyring.json", "keyring"))
+        ma = Mailer(work, "mailer-agent", (f"{a_out}/aes0.json", "export"))
+        procs += [ms.proc, ma.proc]
         os.makedirs(a_out)
         s_port = free_port()
         s_cfg = os.path.join(work, "sidecar.toml")
@@ -289,19 +322,35 @@ def main():
         time.sleep(1)
         ag = start_agent(f"{int(POLL_B)}s")
         time.sleep(2 * POLL_B)
-        ps, pa = [], []
+        ps, pa, ps_new, pa_new = [], [], [], []
         for i in range(POLL_ROTATIONS):
+            # Rotate at a random point of both pollers' cycles: without this pause the next
+            # rotation would follow the slower poller's reload by a fixed delay, favouring the
+            # other one.
+            time.sleep(random.uniform(0, POLL_B))
             n0s, n0a = len(ms.times()), len(ma.times())
-            v.req("POST", "transit/keys/aes0/rotate", {})
             t_rot = time.time()
-            assert wait(lambda: len(ms.times()) > n0s and len(ma.times()) > n0a, 30)
+            v.req("POST", "transit/keys/aes0/rotate", {})
+            new = v.req("GET", "transit/keys/aes0")["data"]["latest_version"]
+            assert wait(lambda: ms.loaded(new, t_rot) and ma.loaded(new, t_rot), 30)
             ps.append(ms.times()[n0s] - t_rot)
             pa.append(ma.times()[n0a] - t_rot)
-            time.sleep(0.3)
+            ps_new.append(ms.loaded(new, t_rot) - t_rot)
+            pa_new.append(ma.loaded(new, t_rot) - t_rot)
         results["poll_latency_s"] = {
-            "interval": POLL_B,
+            "interval": POLL_B, "n": len(ps),
             "sidecar_median": round(statistics.median(ps), 3), "sidecar_max": round(max(ps), 3),
+            "sidecar_mean": round(statistics.mean(ps), 3),
             "agent_median": round(statistics.median(pa), 3), "agent_max": round(max(pa), 3),
+            "agent_mean": round(statistics.mean(pa), 3),
+            # The first reload with the new version in the mailer's files (Agent's first reload
+            # often comes from the latest_version template alone, before the new key is there).
+            "sidecar_new_key_median": round(statistics.median(ps_new), 3),
+            "sidecar_new_key_mean": round(statistics.mean(ps_new), 3),
+            "sidecar_new_key_max": round(max(ps_new), 3),
+            "agent_new_key_median": round(statistics.median(pa_new), 3),
+            "agent_new_key_mean": round(statistics.mean(pa_new), 3),
+            "agent_new_key_max": round(max(pa_new), 3),
         }
 
         # ---- C. torn reads over TORN_ROTATIONS rotations (rotator webhook nudges the sidecar) ----
@@ -364,6 +413,8 @@ def main():
                 p.wait(10)
             except Exception:
                 p.kill()
+        # The work directory holds exported private keys: never leave it behind.
+        shutil.rmtree(work, ignore_errors=True)
     report(results)
     with open(os.path.join(ROOT, "bench/results.json"), "w") as f:
         json.dump(results, f, indent=2)
@@ -386,9 +437,13 @@ def report(r):
     row("  of which exports", vs["export"], va["export"], "{:.0f}")
     p = r["poll_latency_s"]
     row(f"rotation->reload, poll {p['interval']}s, median (s)", p["sidecar_median"], p["agent_median"])
+    row(f"rotation->reload, poll {p['interval']}s, mean (s)", p["sidecar_mean"], p["agent_mean"])
     row(f"rotation->reload, poll {p['interval']}s, max (s)", p["sidecar_max"], p["agent_max"])
+    row(f"rotation->reload with new key, poll {p['interval']}s, median", p["sidecar_new_key_median"], p["agent_new_key_median"])
+    row(f"rotation->reload with new key, poll {p['interval']}s, mean", p["sidecar_new_key_mean"], p["agent_new_key_mean"])
+    row(f"rotation->reload with new key, poll {p['interval']}s, max", p["sidecar_new_key_max"], p["agent_new_key_max"])
     pu = r["push_latency_s"]
-    row("rotation->reload via /refresh, median (s)", pu["median"], p["agent_median"])
+    row("rotation->reload via /refresh, median (s)", pu["median"], p["agent_new_key_median"])
     t = r["torn_reads"]
     row(f"torn reads over {t['rotations']} rotations", t["sidecar_torn"], t["agent_torn"], "{:.0f}")
     print(f"(reader checks: sidecar {t['sidecar_checks']}, agent {t['agent_checks']})")

@@ -4,30 +4,58 @@
 //! The Kubernetes AtomicWriter pattern:
 //! ```text
 //! dir/..2026_03_01_12_00_00.5f3a9c1e/   the current snapshot (every file of the set)
+//! dir/..2026_03_01_11_00_00.0c1d2e3f/   the previous one, kept for a grace period
 //! dir/..data -> ..2026_03_01_12_00_00.5f3a9c1e
 //! dir/KeyTable -> ..data/KeyTable       one visible link per top-level entry of the set
 //! dir/keys -> ..data/keys
 //! ```
-//! A publish writes a fresh snapshot directory (every file created new, mode set at open, owner
-//! set, fsynced; then every directory fsynced), points a temporary link at it and renames that
-//! over `..data`: one atomic step. Readers going through the visible names therefore see the old
-//! set or the new set, never a mix within one resolution and never a partial file. Anything that
-//! fails before the rename removes the half-written snapshot and leaves `..data` untouched.
+//! A publish writes a fresh snapshot under a temporary name (`..writing.<random>`: every file
+//! created new, owner and mode set on the open descriptor, then one `syncfs`), renames it to its
+//! final name, points a temporary link at it and renames that over `..data`: one atomic step.
+//! Readers going through the visible names see the old set or the new set, never a mix within
+//! one resolution and never a partial file. Anything that fails before the swap removes the
+//! half-written snapshot and leaves `..data` untouched; a failure after it (making a visible
+//! name) is reported as [`PublishError::AfterSwap`], because the new set *is* live.
+//!
+//! Every operation below the output directory goes through directory descriptors ([`fsat`]):
+//! `openat`/`mkdirat` with `O_NOFOLLOW`/`O_EXCL`, `fchown`/`fchmod` on the open descriptor,
+//! `fchownat(AT_SYMLINK_NOFOLLOW)` for links, `renameat`. Someone who can write the output
+//! directory cannot make a publisher running as root touch anything outside it.
+//!
+//! Previous snapshots: a reader may resolve `..data` once and read from that snapshot, so a
+//! superseded snapshot stays for `grace` after it was replaced (its directory's mtime records
+//! when), at most [`MAX_RETAINED_SNAPSHOTS`] of them; older ones, half-written ones
+//! (`..writing.*`, left by a crash) and leftover temporary links are removed by [`tidy`], which
+//! every publish runs. The directory therefore needs room for two snapshots (the live one and
+//! the one being written); when a write runs out of space, the grace copies are dropped early
+//! and the write is tried once more.
+//!
+//! Private files: each snapshot may carry one file for the publisher itself
+//! ([`STATE_FILE`], mode 0600, owned by the publishing user, never made visible), and the
+//! output directory may hold small private markers (`..<name>`, see [`write_private`]).
 //!
 //! Self-healing: `publish` compares the set against what is actually on disk under `..data`
 //! (bytes, modes, owner, no extra files) and re-checks the visible links even when nothing else
 //! changed, so calling it again after someone deleted a link or edited a file repairs the
-//! directory; no separate "force" switch is needed. `check` reports which paths differ, for the
-//! sidecar to decide (and log) that a repair is due.
+//! directory. `check` reads through the visible names as a consumer would.
 //!
 //! One publisher per directory: two processes publishing into the same directory at once may
 //! remove each other's snapshots.
 
+mod fsat;
+mod private;
+mod tidy;
+
+use private::read_private_at;
+pub use private::{read_current, read_private, write_private, CurrentSnapshot};
+pub use tidy::tidy;
+use tidy::{drop_superseded, tidy_at};
+
 use std::collections::BTreeSet;
-use std::fs::{self, File, OpenOptions, Permissions};
 use std::io::{self, Write as _};
-use std::os::unix::fs::{symlink, DirBuilderExt, MetadataExt, OpenOptionsExt, PermissionsExt};
+use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
 use std::path::{Path, PathBuf};
+use std::time::{Duration, SystemTime};
 
 use zeroize::Zeroizing;
 
@@ -39,6 +67,10 @@ pub const DATA_LINK: &str = "..data";
 const DATA_TMP: &str = "..data_tmp";
 /// Prefix of temporary links renamed over visible names.
 const LINK_TMP_PREFIX: &str = "..link_tmp.";
+/// Prefix of a snapshot directory while it is being written (never live; removable any time).
+const WRITING_PREFIX: &str = "..writing.";
+/// The publisher's private file inside a snapshot (not part of the set, never visible).
+pub const STATE_FILE: &str = "..state";
 
 /// Default mode of secret files (private keys, keyrings).
 pub const DEFAULT_FILE_MODE: u32 = 0o600;
@@ -46,6 +78,14 @@ pub const DEFAULT_FILE_MODE: u32 = 0o600;
 pub const DEFAULT_PUBLIC_FILE_MODE: u32 = 0o644;
 /// Default mode of the snapshot directory and directories inside it.
 pub const DEFAULT_DIR_MODE: u32 = 0o755;
+/// How long a superseded snapshot stays readable for consumers that resolved `..data` before
+/// the swap.
+pub const DEFAULT_SNAPSHOT_GRACE: Duration = Duration::from_secs(60);
+/// At most this many superseded snapshots are kept, however many publishes fall within the
+/// grace period (bounds the room a burst of publishes takes).
+pub const MAX_RETAINED_SNAPSHOTS: usize = 8;
+/// Largest private file read back (the state of a snapshot carries every key's versions).
+pub const MAX_PRIVATE_FILE_BYTES: u64 = 64 << 20;
 
 /// How files are written.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -57,8 +97,10 @@ pub struct PublishOptions {
     pub public_file_mode: u32,
     /// Mode of directories in the snapshot (the snapshot itself is 0700 while being written).
     pub dir_mode: u32,
-    /// `(uid, gid)` to give every file and directory, set before the snapshot goes live.
+    /// `(uid, gid)` to give every file, directory and link, set before the snapshot goes live.
     pub owner: Option<(Option<u32>, Option<u32>)>,
+    /// How long a superseded snapshot is kept (see the module docs).
+    pub grace: Duration,
 }
 
 impl Default for PublishOptions {
@@ -68,6 +110,7 @@ impl Default for PublishOptions {
             public_file_mode: DEFAULT_PUBLIC_FILE_MODE,
             dir_mode: DEFAULT_DIR_MODE,
             owner: None,
+            grace: DEFAULT_SNAPSHOT_GRACE,
         }
     }
 }
@@ -95,7 +138,8 @@ pub enum PublishOutcome {
     Published { snapshot: String },
 }
 
-/// Why a publish or check failed. The previous snapshot is still live unless said otherwise.
+/// Why a publish or check failed. The previous snapshot is still live, except after
+/// [`PublishError::AfterSwap`].
 #[derive(Debug, thiserror::Error)]
 pub enum PublishError {
     #[error("refusing to publish: {0}")]
@@ -111,6 +155,38 @@ pub enum PublishError {
     },
     #[error("{} exists and is not a link keyroll made; move it away so the output directory can be published", path.display())]
     Foreign { path: PathBuf },
+    #[error("private file name {0:?} is not of the form ..<lowercase name>")]
+    BadPrivateName(String),
+    /// The new snapshot went live, but a later step (making visible names, removing stale
+    /// ones) failed: readers of `..data` see the new set; some visible names may be missing.
+    #[error("the new snapshot {snapshot} is live, but {source}")]
+    AfterSwap {
+        snapshot: String,
+        #[source]
+        source: Box<PublishError>,
+    },
+}
+
+impl PublishError {
+    /// The snapshot that went live despite the error, if any.
+    pub fn live_snapshot(&self) -> Option<&str> {
+        match self {
+            PublishError::AfterSwap { snapshot, .. } => Some(snapshot),
+            _ => None,
+        }
+    }
+
+    /// Out of space (or quota) on the output filesystem.
+    pub fn is_no_space(&self) -> bool {
+        match self {
+            PublishError::Io { source, .. } => matches!(
+                source.raw_os_error(),
+                Some(nix::libc::ENOSPC) | Some(nix::libc::EDQUOT)
+            ),
+            PublishError::AfterSwap { source, .. } => source.is_no_space(),
+            _ => false,
+        }
+    }
 }
 
 fn io_err<'a>(op: &'static str, path: &'a Path) -> impl FnOnce(io::Error) -> PublishError + 'a {
@@ -121,10 +197,18 @@ fn io_err<'a>(op: &'static str, path: &'a Path) -> impl FnOnce(io::Error) -> Pub
     }
 }
 
-/// Publishes `set` into `dir` (created if missing). See the module docs for the steps.
+/// `dir/name` for messages.
+fn at(dir: &Path, name: &str) -> PathBuf {
+    dir.join(name)
+}
+
+/// Publishes `set` into `dir` (created if missing), with `state` as the new snapshot's private
+/// file. See the module docs for the steps. `state` takes part in the comparison: a snapshot
+/// holding the same files with a different (or no) state file is replaced.
 pub fn publish(
     dir: &Path,
     set: &FileSet,
+    state: Option<&[u8]>,
     opts: &PublishOptions,
 ) -> Result<PublishOutcome, PublishError> {
     set.validate()?;
@@ -138,40 +222,46 @@ pub fn publish(
         }
     }
     if !dir.exists() {
-        fs::DirBuilder::new()
+        use std::os::unix::fs::DirBuilderExt as _;
+        std::fs::DirBuilder::new()
             .recursive(true)
             .mode(opts.dir_mode)
             .create(dir)
             .map_err(io_err("create directory", dir))?;
     }
+    let d = fsat::open_dir(dir).map_err(io_err("open directory", dir))?;
     let entries: Vec<&str> = set.top_level_entries();
-    check_visible_names(dir, &entries)?;
+    check_visible_names(&d, dir, &entries)?;
 
-    let current = current_snapshot(dir)?;
+    let current = current_snapshot(&d, dir)?;
     if let Some(cur) = &current {
-        if snapshot_matches(&dir.join(cur), set, opts) {
-            ensure_visible_links(dir, &entries)?;
-            remove_stale_links(dir, &entries)?;
-            remove_stale_snapshots(dir, Some(cur));
+        if snapshot_matches(&d, cur, set, state, opts) {
+            let r = make_names_visible(&d, dir, &entries, opts);
+            tidy_at(&d, Some(cur), opts.grace, SystemTime::now());
+            r?;
             return Ok(PublishOutcome::Unchanged);
         }
     }
 
-    let name = snapshot_name();
-    let snap = dir.join(&name);
-    if let Err(e) = write_snapshot(&snap, set, opts) {
-        let _ = fs::remove_dir_all(&snap);
+    let name = write_new_snapshot(&d, dir, current.as_deref(), set, state, opts)?;
+    if let Err(e) = swap_data_link(&d, dir, &name, opts) {
+        let _ = fsat::remove_tree(&d, name.as_str());
         return Err(e);
     }
-    if let Err(e) = swap_data_link(dir, &name, opts) {
-        let _ = fs::remove_dir_all(&snap);
-        return Err(e);
+    if let Some(old) = &current {
+        // Start the old snapshot's grace period now (its mtime is when it was superseded).
+        let _ = fsat::touch(&d, old.as_str());
     }
     // The new set is live; what follows makes names visible and tidies up.
-    ensure_visible_links(dir, &entries)?;
-    remove_stale_links(dir, &entries)?;
-    remove_stale_snapshots(dir, Some(&name));
-    Ok(PublishOutcome::Published { snapshot: name })
+    let r = make_names_visible(&d, dir, &entries, opts);
+    tidy_at(&d, Some(&name), opts.grace, SystemTime::now());
+    match r {
+        Ok(()) => Ok(PublishOutcome::Published { snapshot: name }),
+        Err(e) => Err(PublishError::AfterSwap {
+            snapshot: name,
+            source: Box::new(e),
+        }),
+    }
 }
 
 /// Paths of `set` that are missing from `dir` or whose bytes differ, read through the visible
@@ -180,7 +270,7 @@ pub fn check(dir: &Path, set: &FileSet) -> Result<Vec<String>, PublishError> {
     set.validate()?;
     let mut differ = Vec::new();
     for f in &set.files {
-        match fs::read(dir.join(&f.path)) {
+        match std::fs::read(dir.join(&f.path)) {
             Ok(bytes) => {
                 let bytes = Zeroizing::new(bytes);
                 if bytes[..] != f.contents[..] {
@@ -200,34 +290,53 @@ fn snapshot_name() -> String {
 }
 
 /// Is `name` one of our snapshot directories (`..` followed by a digit)?
-fn is_snapshot_name(name: &str) -> bool {
+pub fn is_snapshot_name(name: &str) -> bool {
     name.strip_prefix("..")
         .and_then(|rest| rest.chars().next())
         .is_some_and(|c| c.is_ascii_digit())
 }
 
-/// The snapshot `..data` points at, if any.
-fn current_snapshot(dir: &Path) -> Result<Option<String>, PublishError> {
-    let link = dir.join(DATA_LINK);
-    match fs::symlink_metadata(&link) {
+/// The snapshot `..data` points at, if any (and if it is one of ours and a real directory).
+fn current_snapshot(d: &OwnedFd, dir: &Path) -> Result<Option<String>, PublishError> {
+    let link = at(dir, DATA_LINK);
+    match fsat::lstat(d, DATA_LINK) {
         Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(None),
         Err(e) => return Err(io_err("stat", &link)(e)),
-        Ok(m) if !m.file_type().is_symlink() => return Err(PublishError::Foreign { path: link }),
+        Ok(st) if fsat::kind_of(&st) != fsat::Kind::Symlink => {
+            return Err(PublishError::Foreign { path: link })
+        }
         Ok(_) => {}
     }
-    let target = fs::read_link(&link).map_err(io_err("read link", &link))?;
+    let target = fsat::readlink(d, DATA_LINK).map_err(io_err("read link", &link))?;
     match target.to_str() {
-        Some(t) if is_snapshot_name(t) && !t.contains('/') => Ok(Some(t.to_string())),
-        // A link we did not make: replace it (the rename is atomic), but never follow it.
+        Some(t)
+            if is_snapshot_name(t)
+                && !t.contains('/')
+                && fsat::lstat(d, t).is_ok_and(|st| fsat::kind_of(&st) == fsat::Kind::Dir) =>
+        {
+            Ok(Some(t.to_string()))
+        }
+        // A link we did not make, or to nothing: replace it (the rename is atomic), but never
+        // follow it.
         _ => Ok(None),
     }
 }
 
-/// Does the snapshot hold exactly `set`: same files, bytes, modes (and owner when set), and
-/// nothing else? Any read problem counts as "no", so the next step rewrites it.
-fn snapshot_matches(snap: &Path, set: &FileSet, opts: &PublishOptions) -> bool {
+/// Does the snapshot hold exactly `set` (same files, bytes, modes, owner when set, nothing
+/// else) and, when given, exactly `state`? Any read problem counts as "no", so the next step
+/// rewrites it.
+fn snapshot_matches(
+    d: &OwnedFd,
+    snap: &str,
+    set: &FileSet,
+    state: Option<&[u8]>,
+    opts: &PublishOptions,
+) -> bool {
+    let Ok(root) = fsat::open_subdir(d, snap) else {
+        return false;
+    };
     let mut on_disk = BTreeSet::new();
-    if walk_files(snap, "", &mut on_disk, opts).is_err() {
+    if walk_files(&root, "", &mut on_disk, opts).is_err() {
         return false;
     }
     if on_disk.len() != set.files.len()
@@ -236,46 +345,56 @@ fn snapshot_matches(snap: &Path, set: &FileSet, opts: &PublishOptions) -> bool {
         return false;
     }
     let (uid, gid) = opts.uid_gid();
-    set.files.iter().all(|f| {
-        let path = snap.join(&f.path);
-        let Ok(meta) = fs::symlink_metadata(&path) else {
+    let files_match = set.files.iter().all(|f| {
+        let Ok((parent, leaf)) = fsat::open_parent(&root, &f.path) else {
             return false;
         };
-        if !meta.file_type().is_file()
-            || meta.mode() & 0o7777 != opts.mode_of(f)
-            || uid.is_some_and(|u| u != meta.uid())
-            || gid.is_some_and(|g| g != meta.gid())
-            || meta.len() != f.contents.len() as u64
+        let Ok((mut file, st)) = fsat::open_regular(&parent, leaf) else {
+            return false;
+        };
+        if st.st_mode & 0o7777 != opts.mode_of(f)
+            || uid.is_some_and(|u| u != st.st_uid)
+            || gid.is_some_and(|g| g != st.st_gid)
+            || st.st_size as u64 != f.contents.len() as u64
         {
             return false;
         }
-        fs::read(&path).is_ok_and(|b| Zeroizing::new(b)[..] == f.contents[..])
-    })
+        fsat::read_limited(&mut file, st.st_size as u64, f.contents.len() as u64)
+            .is_ok_and(|b| b[..] == f.contents[..])
+    });
+    files_match
+        && state.is_none_or(|want| {
+            read_private_at(&root, STATE_FILE, 0o077).is_ok_and(|have| have[..] == want[..])
+        })
 }
 
-/// Collects relative paths of every non-directory under `dir`; fails on a directory with the
-/// wrong mode (so a changed `dir_mode` republishes).
+/// Collects relative paths of every non-directory under `dir` (the publisher's state file at the
+/// top excepted); fails on a directory with the wrong mode (so a changed `dir_mode`
+/// republishes) and on a name that is not UTF-8.
 fn walk_files(
-    dir: &Path,
+    dir: &OwnedFd,
     prefix: &str,
     out: &mut BTreeSet<String>,
     opts: &PublishOptions,
 ) -> io::Result<()> {
-    if fs::symlink_metadata(dir)?.mode() & 0o7777 != opts.dir_mode {
+    if fsat::fstat(dir)?.st_mode & 0o7777 != opts.dir_mode {
         return Err(io::Error::other("directory mode differs"));
     }
-    for entry in fs::read_dir(dir)? {
-        let entry = entry?;
-        let name = entry.file_name().into_string().map_err(|_| {
+    for (name, kind) in fsat::list(dir)? {
+        let name = name.into_string().map_err(|_| {
             io::Error::new(io::ErrorKind::InvalidData, "non-UTF-8 name in snapshot")
         })?;
+        if prefix.is_empty() && name == STATE_FILE {
+            continue;
+        }
         let rel = if prefix.is_empty() {
-            name
+            name.clone()
         } else {
             format!("{prefix}/{name}")
         };
-        if entry.file_type()?.is_dir() {
-            walk_files(&entry.path(), &rel, out, opts)?;
+        if kind == fsat::Kind::Dir {
+            let sub = fsat::open_subdir(dir, name.as_str())?;
+            walk_files(&sub, &rel, out, opts)?;
         } else {
             out.insert(rel);
         }
@@ -283,207 +402,264 @@ fn walk_files(
     Ok(())
 }
 
-/// Writes every file of `set` into the new snapshot directory `snap`, durably, with final modes.
-fn write_snapshot(snap: &Path, set: &FileSet, opts: &PublishOptions) -> Result<(), PublishError> {
-    let (uid, gid) = opts.uid_gid();
-    fs::DirBuilder::new()
-        .mode(0o700)
-        .create(snap)
-        .map_err(io_err("create snapshot directory", snap))?;
-    // Directories inside the snapshot, parents before children.
-    let mut dirs: Vec<PathBuf> = Vec::new();
-    for (i, f) in set.files.iter().enumerate() {
-        fault::maybe_fail(i)?;
-        let path = snap.join(&f.path);
-        let mut parent = snap.to_path_buf();
-        let comps: Vec<&str> = f.path.split('/').collect();
-        for comp in &comps[..comps.len() - 1] {
-            parent.push(comp);
-            if !dirs.contains(&parent) {
-                fs::DirBuilder::new()
-                    .mode(0o700)
-                    .create(&parent)
-                    .map_err(io_err("create directory", &parent))?;
-                dirs.push(parent.clone());
+/// Writes a complete snapshot under a temporary name and renames it to its final one; returns
+/// that name. Out of space: the grace copies are dropped and the write is tried once more.
+fn write_new_snapshot(
+    d: &OwnedFd,
+    dir: &Path,
+    current: Option<&str>,
+    set: &FileSet,
+    state: Option<&[u8]>,
+    opts: &PublishOptions,
+) -> Result<String, PublishError> {
+    let mut retried = false;
+    loop {
+        let tmp = format!("{WRITING_PREFIX}{:016x}", rand::random::<u64>());
+        match write_snapshot(d, dir, &tmp, set, state, opts) {
+            Ok(()) => {
+                let name = snapshot_name();
+                if let Err(e) = fsat::rename(d, &tmp, &name) {
+                    let _ = fsat::remove_tree(d, tmp.as_str());
+                    return Err(io_err("rename", &at(dir, &name))(e));
+                }
+                return Ok(name);
+            }
+            Err(e) => {
+                let _ = fsat::remove_tree(d, tmp.as_str());
+                if !retried && e.is_no_space() && drop_superseded(d, current) > 0 {
+                    retried = true;
+                    continue;
+                }
+                return Err(e);
             }
         }
+    }
+}
+
+/// Writes every file of `set` (and the private `state`) into the new directory `name`, durably,
+/// with final modes and owner.
+fn write_snapshot(
+    d: &OwnedFd,
+    dir: &Path,
+    name: &str,
+    set: &FileSet,
+    state: Option<&[u8]>,
+    opts: &PublishOptions,
+) -> Result<(), PublishError> {
+    let (uid, gid) = opts.uid_gid();
+    let snap_path = at(dir, name);
+    fsat::mkdir(d, name, 0o700).map_err(io_err("create snapshot directory", &snap_path))?;
+    let snap = fsat::open_subdir(d, name).map_err(io_err("open", &snap_path))?;
+    // Directories inside the snapshot, parents before children, each held open (the set is
+    // sorted, so a directory's files and subdirectories follow it).
+    let mut dirs: Vec<(String, OwnedFd)> = Vec::new();
+    for (i, f) in set.files.iter().enumerate() {
+        fault::maybe_fail(i)?;
+        let (parent_rel, leaf) = f.path.rsplit_once('/').unwrap_or(("", f.path.as_str()));
+        let mut prefix_len: usize = 0;
+        for comp in parent_rel.split('/').filter(|c| !c.is_empty()) {
+            let parent = &parent_rel[..prefix_len.saturating_sub(1)];
+            prefix_len += comp.len() + 1;
+            let rel = &parent_rel[..prefix_len - 1];
+            if dirs.iter().any(|(p, _)| p == rel) {
+                continue;
+            }
+            let path = snap_path.join(rel);
+            let parent_fd = held(&snap, &dirs, parent);
+            fsat::mkdir(parent_fd, comp, 0o700).map_err(io_err("create directory", &path))?;
+            let fd = fsat::open_subdir(parent_fd, comp).map_err(io_err("open", &path))?;
+            dirs.push((rel.to_string(), fd));
+        }
+        let parent_fd = held(&snap, &dirs, parent_rel);
+        let path = snap_path.join(&f.path);
         let mode = opts.mode_of(f);
-        let mut file = OpenOptions::new()
-            .write(true)
-            .create_new(true)
-            .mode(mode)
-            .open(&path)
-            .map_err(io_err("create", &path))?;
+        let mut file = fsat::create(parent_fd, leaf, mode).map_err(io_err("create", &path))?;
         if opts.owner.is_some() {
-            std::os::unix::fs::fchown(&file, uid, gid).map_err(io_err("chown", &path))?;
+            fsat::fchown(&file, uid, gid).map_err(io_err("chown", &path))?;
         }
         // The mode given at open is filtered by the umask; set it exactly.
-        file.set_permissions(Permissions::from_mode(mode))
-            .map_err(io_err("chmod", &path))?;
+        fsat::fchmod(&file, mode).map_err(io_err("chmod", &path))?;
         file.write_all(&f.contents)
             .map_err(io_err("write", &path))?;
     }
-    // Children before parents, then the snapshot itself.
-    dirs.reverse();
-    dirs.push(snap.to_path_buf());
-    for d in &dirs {
-        if opts.owner.is_some() {
-            std::os::unix::fs::chown(d, uid, gid).map_err(io_err("chown", d))?;
-        }
-        fs::set_permissions(d, Permissions::from_mode(opts.dir_mode))
-            .map_err(io_err("chmod", d))?;
+    if let Some(state) = state {
+        let path = snap_path.join(STATE_FILE);
+        let mut file = fsat::create(&snap, STATE_FILE, 0o600).map_err(io_err("create", &path))?;
+        fsat::fchmod(&file, 0o600).map_err(io_err("chmod", &path))?;
+        file.write_all(state).map_err(io_err("write", &path))?;
     }
+    fault::before_directory_modes(dir, name);
+    // Children before parents, then the snapshot itself: owner and mode on the open
+    // descriptors, whatever happened to the names meanwhile.
+    for (rel, fd) in dirs.iter().rev() {
+        let path = snap_path.join(rel);
+        if opts.owner.is_some() {
+            fsat::fchown(fd, uid, gid).map_err(io_err("chown", &path))?;
+        }
+        fsat::fchmod(fd, opts.dir_mode).map_err(io_err("chmod", &path))?;
+    }
+    if opts.owner.is_some() {
+        fsat::fchown(&snap, uid, gid).map_err(io_err("chown", &snap_path))?;
+    }
+    fsat::fchmod(&snap, opts.dir_mode).map_err(io_err("chmod", &snap_path))?;
     // One syncfs makes every file and directory of the snapshot durable before the swap. It
     // replaces an fsync per file and per directory: on ext4 each of those forced a journal
     // commit (~3 ms each, ~90 ms for ten DKIM keys), which dominated rotation-to-reload time.
-    let snap_dir = fs::File::open(snap).map_err(io_err("open", snap))?;
-    nix::unistd::syncfs(&snap_dir).map_err(|e| io_err("syncfs", snap)(std::io::Error::from(e)))?;
+    fsat::syncfs(&snap).map_err(io_err("syncfs", &snap_path))?;
     Ok(())
 }
 
+/// The open descriptor of directory `rel` of the snapshot (`""`: the snapshot itself).
+fn held<'a>(snap: &'a OwnedFd, dirs: &'a [(String, OwnedFd)], rel: &str) -> BorrowedFd<'a> {
+    dirs.iter()
+        .find(|(p, _)| p == rel)
+        .map(|(_, fd)| fd.as_fd())
+        .unwrap_or(snap.as_fd())
+}
+
 /// Points `..data` at `name` with one atomic rename, then makes that durable.
-fn swap_data_link(dir: &Path, name: &str, opts: &PublishOptions) -> Result<(), PublishError> {
-    let tmp = dir.join(DATA_TMP);
-    remove_our_link(&tmp)?;
-    symlink(name, &tmp).map_err(io_err("create link", &tmp))?;
+fn swap_data_link(
+    d: &OwnedFd,
+    dir: &Path,
+    name: &str,
+    opts: &PublishOptions,
+) -> Result<(), PublishError> {
+    let tmp = at(dir, DATA_TMP);
+    remove_our_link(d, dir, DATA_TMP)?;
+    fsat::symlink(name, d, DATA_TMP).map_err(io_err("create link", &tmp))?;
     if opts.owner.is_some() {
         let (uid, gid) = opts.uid_gid();
-        std::os::unix::fs::lchown(&tmp, uid, gid).map_err(io_err("chown", &tmp))?;
+        fsat::lchown(d, DATA_TMP, uid, gid).map_err(io_err("chown", &tmp))?;
     }
-    let data = dir.join(DATA_LINK);
-    fs::rename(&tmp, &data).map_err(|e| {
-        let _ = fs::remove_file(&tmp);
+    let data = at(dir, DATA_LINK);
+    fsat::rename(d, DATA_TMP, DATA_LINK).map_err(|e| {
+        let _ = fsat::unlink(d, DATA_TMP);
         io_err("rename", &data)(e)
     })?;
-    fsync_dir(dir)
+    fsat::fsync(d).map_err(io_err("fsync directory", dir))
 }
 
 /// Removes a leftover temporary link of ours; refuses to remove anything else.
-fn remove_our_link(path: &Path) -> Result<(), PublishError> {
-    match fs::symlink_metadata(path) {
+fn remove_our_link(d: &OwnedFd, dir: &Path, name: &str) -> Result<(), PublishError> {
+    let path = at(dir, name);
+    match fsat::lstat(d, name) {
         Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(()),
-        Err(e) => Err(io_err("stat", path)(e)),
-        Ok(m) if m.file_type().is_symlink() => {
-            fs::remove_file(path).map_err(io_err("remove stale link", path))
+        Err(e) => Err(io_err("stat", &path)(e)),
+        Ok(st) if fsat::kind_of(&st) == fsat::Kind::Symlink => {
+            fsat::unlink(d, name).map_err(io_err("remove stale link", &path))
         }
-        Ok(_) => Err(PublishError::Foreign {
-            path: path.to_path_buf(),
-        }),
+        Ok(_) => Err(PublishError::Foreign { path }),
     }
 }
 
-fn fsync_dir(d: &Path) -> Result<(), PublishError> {
-    File::open(d)
-        .and_then(|f| f.sync_all())
-        .map_err(io_err("fsync directory", d))
-}
-
 /// The link target a visible name should have.
-fn visible_target(entry: &str) -> PathBuf {
-    Path::new(DATA_LINK).join(entry)
+fn visible_target(entry: &str) -> String {
+    format!("{DATA_LINK}/{entry}")
 }
 
-/// Is this a visible link we manage (pointing into `..data/`)?
-fn is_our_visible_link(path: &Path) -> bool {
-    fs::read_link(path).is_ok_and(|t| t.starts_with(DATA_LINK) && t != Path::new(DATA_LINK))
+/// Is `name` a visible link we manage (pointing into `..data/`)?
+fn is_our_visible_link(d: &OwnedFd, name: &str) -> bool {
+    fsat::readlink(d, name).is_ok_and(|t| {
+        t.to_str()
+            .is_some_and(|t| t.starts_with(&format!("{DATA_LINK}/")))
+    })
 }
 
 /// Refuses, before writing anything, a set whose visible names are taken by something that is not
 /// one of our links (a regular file, a directory, a link elsewhere).
-fn check_visible_names(dir: &Path, entries: &[&str]) -> Result<(), PublishError> {
+fn check_visible_names(d: &OwnedFd, dir: &Path, entries: &[&str]) -> Result<(), PublishError> {
     for e in entries {
-        let path = dir.join(e);
-        match fs::symlink_metadata(&path) {
+        match fsat::lstat(d, *e) {
             Err(err) if err.kind() == io::ErrorKind::NotFound => {}
-            Err(err) => return Err(io_err("stat", &path)(err)),
-            Ok(m) if m.file_type().is_symlink() && is_our_visible_link(&path) => {}
-            Ok(_) => return Err(PublishError::Foreign { path }),
+            Err(err) => return Err(io_err("stat", &at(dir, e))(err)),
+            Ok(st) if fsat::kind_of(&st) == fsat::Kind::Symlink && is_our_visible_link(d, e) => {}
+            Ok(_) => return Err(PublishError::Foreign { path: at(dir, e) }),
         }
     }
     Ok(())
 }
 
-/// Makes `dir/<entry> -> ..data/<entry>` exist for every entry, replacing by rename (never
-/// remove-then-create, so the name never disappears).
-fn ensure_visible_links(dir: &Path, entries: &[&str]) -> Result<(), PublishError> {
+/// Makes `dir/<entry> -> ..data/<entry>` exist for every entry (replacing by rename, never
+/// remove-then-create, so the name never disappears), then removes our links for entries the
+/// set no longer has.
+fn make_names_visible(
+    d: &OwnedFd,
+    dir: &Path,
+    entries: &[&str],
+    opts: &PublishOptions,
+) -> Result<(), PublishError> {
+    ensure_visible_links(d, dir, entries, opts)?;
+    remove_stale_links(d, dir, entries)
+}
+
+fn ensure_visible_links(
+    d: &OwnedFd,
+    dir: &Path,
+    entries: &[&str],
+    opts: &PublishOptions,
+) -> Result<(), PublishError> {
     let mut changed = false;
     for e in entries {
-        let path = dir.join(e);
         let want = visible_target(e);
-        if fs::read_link(&path).is_ok_and(|t| t == want) {
+        if fsat::readlink(d, e).is_ok_and(|t| t.to_str() == Some(want.as_str())) {
             continue;
         }
-        let tmp = dir.join(format!("{LINK_TMP_PREFIX}{e}"));
-        remove_our_link(&tmp)?;
-        symlink(&want, &tmp).map_err(io_err("create link", &tmp))?;
-        fs::rename(&tmp, &path).map_err(|err| {
-            let _ = fs::remove_file(&tmp);
-            io_err("rename", &path)(err)
+        let tmp = format!("{LINK_TMP_PREFIX}{e}");
+        let tmp_path = at(dir, &tmp);
+        remove_our_link(d, dir, &tmp)?;
+        fsat::symlink(&want, d, &tmp).map_err(io_err("create link", &tmp_path))?;
+        if opts.owner.is_some() {
+            let (uid, gid) = opts.uid_gid();
+            fsat::lchown(d, &tmp, uid, gid).map_err(io_err("chown", &tmp_path))?;
+        }
+        fsat::rename(d, &tmp, e).map_err(|err| {
+            let _ = fsat::unlink(d, tmp.as_str());
+            io_err("rename", &at(dir, e))(err)
         })?;
         changed = true;
     }
     if changed {
-        fsync_dir(dir)?;
+        fsat::fsync(d).map_err(io_err("fsync directory", dir))?;
     }
     Ok(())
 }
 
 /// Removes visible links into `..data/` for entries the set no longer has. Leaves everything else
 /// (files and links the operator made) alone.
-fn remove_stale_links(dir: &Path, entries: &[&str]) -> Result<(), PublishError> {
+fn remove_stale_links(d: &OwnedFd, dir: &Path, entries: &[&str]) -> Result<(), PublishError> {
     let keep: BTreeSet<&str> = entries.iter().copied().collect();
     let mut changed = false;
-    for entry in fs::read_dir(dir).map_err(io_err("list", dir))? {
-        let entry = entry.map_err(io_err("list", dir))?;
-        let Ok(name) = entry.file_name().into_string() else {
+    for (name, kind) in fsat::list(d).map_err(io_err("list", dir))? {
+        let Ok(name) = name.into_string() else {
             continue;
         };
         if name.starts_with('.') || keep.contains(name.as_str()) {
             continue;
         }
-        let path = entry.path();
-        if entry.file_type().is_ok_and(|t| t.is_symlink()) && is_our_visible_link(&path) {
-            fs::remove_file(&path).map_err(io_err("remove stale link", &path))?;
+        if kind == fsat::Kind::Symlink && is_our_visible_link(d, &name) {
+            fsat::unlink(d, name.as_str()).map_err(io_err("remove stale link", &at(dir, &name)))?;
             changed = true;
         }
     }
     if changed {
-        fsync_dir(dir)?;
+        fsat::fsync(d).map_err(io_err("fsync directory", dir))?;
     }
     Ok(())
 }
 
-/// Best-effort removal of snapshot directories other than `keep` and of leftover temporary links
-/// (from a crash or an earlier failure). A failure here is harmless and retried next publish.
-fn remove_stale_snapshots(dir: &Path, keep: Option<&str>) {
-    let Ok(list) = fs::read_dir(dir) else {
-        return;
-    };
-    for entry in list.flatten() {
-        let Ok(name) = entry.file_name().into_string() else {
-            continue;
-        };
-        if Some(name.as_str()) == keep {
-            continue;
-        }
-        let Ok(ft) = entry.file_type() else {
-            continue;
-        };
-        if ft.is_dir() && is_snapshot_name(&name) {
-            let _ = fs::remove_dir_all(entry.path());
-        } else if ft.is_symlink() && (name == DATA_TMP || name.starts_with(LINK_TMP_PREFIX)) {
-            let _ = fs::remove_file(entry.path());
-        }
-    }
-}
-
-/// Test-only fault injection: fail the snapshot write before file number N.
+/// Test-only fault injection: fail the snapshot write before file number N; run a step between
+/// writing the files and setting directory modes (where a racing writer of the output directory
+/// could swap a directory for a symlink).
 #[cfg(test)]
 mod fault {
-    use std::cell::Cell;
+    use std::cell::{Cell, RefCell};
+    use std::path::Path;
+
+    type Hook = Box<dyn Fn(&Path, &str)>;
 
     thread_local! {
         pub static FAIL_BEFORE_FILE: Cell<Option<usize>> = const { Cell::new(None) };
+        pub static BEFORE_DIR_MODES: RefCell<Option<Hook>> = const { RefCell::new(None) };
     }
 
     pub fn maybe_fail(i: usize) -> Result<(), super::PublishError> {
@@ -496,6 +672,14 @@ mod fault {
         }
         Ok(())
     }
+
+    pub fn before_directory_modes(dir: &Path, snapshot: &str) {
+        BEFORE_DIR_MODES.with(|h| {
+            if let Some(h) = h.borrow().as_ref() {
+                h(dir, snapshot)
+            }
+        });
+    }
 }
 
 #[cfg(not(test))]
@@ -504,402 +688,10 @@ mod fault {
     pub fn maybe_fail(_: usize) -> Result<(), super::PublishError> {
         Ok(())
     }
+
+    #[inline(always)]
+    pub fn before_directory_modes(_: &std::path::Path, _: &str) {}
 }
 
 #[cfg(test)]
-mod tests {
-    use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
-    use std::sync::Arc;
-
-    use super::*;
-
-    fn file(path: &str, contents: &str, secret: bool) -> RenderedFile {
-        RenderedFile {
-            path: path.into(),
-            contents: Zeroizing::new(contents.as_bytes().to_vec()),
-            secret,
-        }
-    }
-
-    fn set(files: Vec<RenderedFile>) -> FileSet {
-        let mut files = files;
-        files.sort_by(|a, b| a.path.cmp(&b.path));
-        FileSet {
-            files,
-            next_change: None,
-        }
-    }
-
-    fn sample(generation: u32) -> FileSet {
-        set(vec![
-            file("KeyTable", &format!("table {generation}\n"), false),
-            file("keys/a.private", &format!("key a {generation}\n"), true),
-            file("dns/a.txt", "record\n", false),
-        ])
-    }
-
-    fn snapshots(dir: &Path) -> Vec<String> {
-        let mut v: Vec<String> = fs::read_dir(dir)
-            .unwrap()
-            .map(|e| e.unwrap().file_name().into_string().unwrap())
-            .filter(|n| is_snapshot_name(n))
-            .collect();
-        v.sort();
-        v
-    }
-
-    /// Every file of `set`, read through the visible names, byte for byte.
-    fn assert_visible(dir: &Path, set: &FileSet) {
-        for f in &set.files {
-            let got = fs::read(dir.join(&f.path)).unwrap();
-            assert_eq!(got, f.contents[..], "{}", f.path);
-        }
-    }
-
-    fn mode(p: &Path) -> u32 {
-        fs::metadata(p).unwrap().mode() & 0o7777
-    }
-
-    #[test]
-    fn published_files_read_back_through_visible_links() {
-        let tmp = tempfile::tempdir().unwrap();
-        let dir = tmp.path().join("out");
-        let s = sample(1);
-        let outcome = publish(&dir, &s, &PublishOptions::default()).unwrap();
-        let PublishOutcome::Published { snapshot } = outcome else {
-            panic!("{outcome:?}")
-        };
-        assert_eq!(
-            fs::read_link(dir.join(DATA_LINK)).unwrap(),
-            Path::new(&snapshot)
-        );
-        for top in ["KeyTable", "keys", "dns"] {
-            assert_eq!(
-                fs::read_link(dir.join(top)).unwrap(),
-                Path::new("..data").join(top)
-            );
-        }
-        assert_visible(&dir, &s);
-        assert!(check(&dir, &s).unwrap().is_empty());
-    }
-
-    #[test]
-    fn identical_set_is_unchanged_and_writes_no_snapshot() {
-        let tmp = tempfile::tempdir().unwrap();
-        let dir = tmp.path();
-        publish(dir, &sample(1), &PublishOptions::default()).unwrap();
-        let before = snapshots(dir);
-        let outcome = publish(dir, &sample(1), &PublishOptions::default()).unwrap();
-        assert_eq!(outcome, PublishOutcome::Unchanged);
-        assert_eq!(snapshots(dir), before);
-    }
-
-    #[test]
-    fn changed_set_goes_live_in_a_new_snapshot_and_the_old_one_is_removed() {
-        let tmp = tempfile::tempdir().unwrap();
-        let dir = tmp.path();
-        publish(dir, &sample(1), &PublishOptions::default()).unwrap();
-        let old = snapshots(dir);
-        let PublishOutcome::Published { snapshot } =
-            publish(dir, &sample(2), &PublishOptions::default()).unwrap()
-        else {
-            panic!()
-        };
-        assert_eq!(snapshots(dir), vec![snapshot.clone()]);
-        assert_ne!(old, vec![snapshot]);
-        assert_visible(dir, &sample(2));
-    }
-
-    #[test]
-    fn secret_files_are_0600_public_files_0644_and_dirs_dir_mode() {
-        let tmp = tempfile::tempdir().unwrap();
-        let dir = tmp.path();
-        let opts = PublishOptions {
-            dir_mode: 0o750,
-            ..Default::default()
-        };
-        publish(dir, &sample(1), &opts).unwrap();
-        assert_eq!(mode(&dir.join("keys/a.private")), 0o600);
-        assert_eq!(mode(&dir.join("KeyTable")), 0o644);
-        assert_eq!(mode(&dir.join("keys")), 0o750);
-        assert_eq!(mode(&dir.join(DATA_LINK)), 0o750);
-        // A changed mode alone is a change.
-        let opts = PublishOptions {
-            file_mode: 0o640,
-            ..opts
-        };
-        assert!(matches!(
-            publish(dir, &sample(1), &opts).unwrap(),
-            PublishOutcome::Published { .. }
-        ));
-        assert_eq!(mode(&dir.join("keys/a.private")), 0o640);
-    }
-
-    #[test]
-    fn owner_is_applied_before_the_snapshot_goes_live() {
-        let tmp = tempfile::tempdir().unwrap();
-        let dir = tmp.path();
-        let me = fs::metadata(dir).unwrap();
-        if me.uid() != 0 {
-            return; // chown to another user needs root
-        }
-        let opts = PublishOptions {
-            owner: Some((Some(4321), Some(8765))),
-            ..Default::default()
-        };
-        publish(dir, &sample(1), &opts).unwrap();
-        for p in ["keys/a.private", "KeyTable", "keys"] {
-            let m = fs::metadata(dir.join(p)).unwrap();
-            assert_eq!((m.uid(), m.gid()), (4321, 8765), "{p}");
-        }
-        assert_eq!(
-            publish(dir, &sample(1), &opts).unwrap(),
-            PublishOutcome::Unchanged
-        );
-    }
-
-    #[test]
-    fn a_deleted_visible_link_is_restored_by_the_next_publish() {
-        let tmp = tempfile::tempdir().unwrap();
-        let dir = tmp.path();
-        publish(dir, &sample(1), &PublishOptions::default()).unwrap();
-        fs::remove_file(dir.join("KeyTable")).unwrap();
-        assert_eq!(check(dir, &sample(1)).unwrap(), ["KeyTable"]);
-        assert_eq!(
-            publish(dir, &sample(1), &PublishOptions::default()).unwrap(),
-            PublishOutcome::Unchanged
-        );
-        assert_visible(dir, &sample(1));
-    }
-
-    #[test]
-    fn a_tampered_file_is_reported_by_check_and_repaired_by_publish() {
-        let tmp = tempfile::tempdir().unwrap();
-        let dir = tmp.path();
-        publish(dir, &sample(1), &PublishOptions::default()).unwrap();
-        // Writing through the visible link edits the snapshot in place.
-        fs::write(dir.join("keys/a.private"), "evil").unwrap();
-        assert_eq!(check(dir, &sample(1)).unwrap(), ["keys/a.private"]);
-        assert!(matches!(
-            publish(dir, &sample(1), &PublishOptions::default()).unwrap(),
-            PublishOutcome::Published { .. }
-        ));
-        assert!(check(dir, &sample(1)).unwrap().is_empty());
-        // An extra file in the snapshot is also a difference.
-        fs::write(dir.join("keys/extra"), "x").unwrap();
-        assert!(matches!(
-            publish(dir, &sample(1), &PublishOptions::default()).unwrap(),
-            PublishOutcome::Published { .. }
-        ));
-        assert!(!dir.join("keys/extra").exists());
-    }
-
-    #[test]
-    fn entries_no_longer_in_the_set_lose_their_link_but_operator_files_stay() {
-        let tmp = tempfile::tempdir().unwrap();
-        let dir = tmp.path();
-        fs::write(dir.join("opendkim.conf"), "mine").unwrap();
-        publish(dir, &sample(1), &PublishOptions::default()).unwrap();
-        let smaller = set(vec![file("KeyTable", "t\n", false)]);
-        publish(dir, &smaller, &PublishOptions::default()).unwrap();
-        assert!(fs::symlink_metadata(dir.join("keys")).is_err());
-        assert!(fs::symlink_metadata(dir.join("dns")).is_err());
-        assert_eq!(
-            fs::read_to_string(dir.join("opendkim.conf")).unwrap(),
-            "mine"
-        );
-        assert_visible(dir, &smaller);
-    }
-
-    #[test]
-    fn a_foreign_file_at_a_visible_name_is_refused_and_left_alone() {
-        let tmp = tempfile::tempdir().unwrap();
-        let dir = tmp.path();
-        fs::write(dir.join("KeyTable"), "hand-written").unwrap();
-        let err = publish(dir, &sample(1), &PublishOptions::default()).unwrap_err();
-        assert!(matches!(err, PublishError::Foreign { .. }), "{err}");
-        assert_eq!(
-            fs::read_to_string(dir.join("KeyTable")).unwrap(),
-            "hand-written"
-        );
-        assert!(snapshots(dir).is_empty());
-        assert!(fs::symlink_metadata(dir.join(DATA_LINK)).is_err());
-    }
-
-    #[test]
-    fn an_unsafe_path_is_refused_and_the_old_content_stays_byte_identical() {
-        let tmp = tempfile::tempdir().unwrap();
-        let dir = tmp.path();
-        publish(dir, &sample(1), &PublishOptions::default()).unwrap();
-        let before = snapshots(dir);
-        for bad in ["../escape", "/abs", ".hidden", "keys/.x", "a/../b"] {
-            let s = set(vec![file(bad, "x", false)]);
-            let err = publish(dir, &s, &PublishOptions::default()).unwrap_err();
-            assert!(matches!(err, PublishError::BadPath(_)), "{bad}: {err}");
-            assert!(err.to_string().contains(bad), "{err}");
-        }
-        assert_eq!(snapshots(dir), before);
-        assert_visible(dir, &sample(1));
-        assert!(!tmp.path().parent().unwrap().join("escape").exists());
-    }
-
-    #[test]
-    fn a_failure_while_writing_leaves_the_old_set_live_and_no_half_snapshot() {
-        let tmp = tempfile::tempdir().unwrap();
-        let dir = tmp.path();
-        publish(dir, &sample(1), &PublishOptions::default()).unwrap();
-        let before = snapshots(dir);
-        fault::FAIL_BEFORE_FILE.with(|f| f.set(Some(2)));
-        let err = publish(dir, &sample(2), &PublishOptions::default());
-        fault::FAIL_BEFORE_FILE.with(|f| f.set(None));
-        assert!(err.is_err());
-        assert_eq!(snapshots(dir), before);
-        assert_visible(dir, &sample(1));
-    }
-
-    #[test]
-    fn leftover_snapshots_and_temp_links_are_removed_at_the_next_publish() {
-        let tmp = tempfile::tempdir().unwrap();
-        let dir = tmp.path();
-        publish(dir, &sample(1), &PublishOptions::default()).unwrap();
-        fs::create_dir(dir.join("..2020_01_01_00_00_00.dead")).unwrap();
-        fs::write(dir.join("..2020_01_01_00_00_00.dead/KeyTable"), "x").unwrap();
-        symlink("..2020_01_01_00_00_00.dead", dir.join(DATA_TMP)).unwrap();
-        assert_eq!(
-            publish(dir, &sample(1), &PublishOptions::default()).unwrap(),
-            PublishOutcome::Unchanged
-        );
-        assert_eq!(snapshots(dir).len(), 1);
-        assert!(fs::symlink_metadata(dir.join(DATA_TMP)).is_err());
-    }
-
-    /// The sidecar's path end to end: render opendkim output for this directory, publish it,
-    /// and every key file KeyTable names exists through the visible path, secret, and loads in
-    /// OpenSSL (when the CLI is installed) as the key type it claims.
-    #[test]
-    fn rendered_opendkim_output_resolves_through_the_published_directory() {
-        use crate::render::testutil::{ed25519_key, rsa_key, ts};
-        use crate::render::{render, OpenDkimSpec, OutputSpec};
-        let tmp = tempfile::tempdir().unwrap();
-        let dir = tmp.path();
-        let spec = |t: &str| {
-            OutputSpec::OpenDkim(OpenDkimSpec {
-                domain: "example.com".into(),
-                selector_template: t.into(),
-                activate_after: None,
-            })
-        };
-        let t0 = "2026-01-01T00:00:00Z";
-        let keys = vec![
-            (spec("ed{version}"), ed25519_key("ed", &[(1, t0), (2, t0)])),
-            (spec("rsa{version}"), rsa_key("rsa", &[(1, t0)])),
-        ];
-        let set = render(dir, &keys, ts(t0)).unwrap();
-        publish(dir, &set, &PublishOptions::default()).unwrap();
-        let table = fs::read_to_string(dir.join("KeyTable")).unwrap();
-        assert_eq!(table.lines().count(), 3);
-        let openssl = std::process::Command::new("openssl")
-            .arg("version")
-            .output()
-            .is_ok_and(|o| o.status.success());
-        for line in table.lines() {
-            let path = line.rsplit(':').next().unwrap();
-            assert!(path.starts_with(&*dir.to_string_lossy()), "{path}");
-            assert_eq!(mode(Path::new(path)), 0o600, "{path}");
-            if openssl {
-                let out = std::process::Command::new("openssl")
-                    .args(["pkey", "-noout", "-text", "-in", path])
-                    .output()
-                    .unwrap();
-                assert!(out.status.success(), "openssl cannot load {path}");
-                let text = String::from_utf8_lossy(&out.stdout);
-                let want = if line.starts_with("ed") {
-                    "ED25519 Private-Key"
-                } else {
-                    "Private-Key: (1024 bit"
-                };
-                assert!(text.contains(want), "{path}: not {want}");
-            }
-        }
-        let signing = fs::read_to_string(dir.join("SigningTable")).unwrap();
-        assert!(signing.contains("*@example.com ed2._domainkey.example.com\n"));
-        assert!(dir.join("dns/ed2._domainkey.example.com.txt").is_file());
-    }
-
-    /// A reader that resolves KeyTable and then every key file it names, through the visible
-    /// names, while sets keep changing (keys come and go). If `..data` did not move while it
-    /// read, everything it read must be one complete, consistent set.
-    #[test]
-    fn readers_never_see_a_torn_set() {
-        // Atomicity, not durability, is under test: use tmpfs when there is one, to keep the
-        // 200 publishes quick.
-        let tmp = if Path::new("/dev/shm").is_dir() {
-            tempfile::tempdir_in("/dev/shm").unwrap()
-        } else {
-            tempfile::tempdir().unwrap()
-        };
-        let dir = tmp.path().to_path_buf();
-        let gen_set = |g: u32| {
-            // A sliding window of three keys: each publish adds one and drops one.
-            let mut files = Vec::new();
-            let mut table = String::new();
-            for k in g..g + 3 {
-                table.push_str(&format!("k{k} {}/keys/k{k}.private\n", dir.display()));
-                files.push(file(
-                    &format!("keys/k{k}.private"),
-                    &format!("key {k}\n{}", "x".repeat(4096)),
-                    true,
-                ));
-            }
-            table.push_str("end\n");
-            files.push(file("KeyTable", &table, false));
-            set(files)
-        };
-        publish(&dir, &gen_set(0), &PublishOptions::default()).unwrap();
-
-        let stop = Arc::new(AtomicBool::new(false));
-        let consistent = Arc::new(AtomicUsize::new(0));
-        let reader = {
-            let (dir, stop, consistent) = (dir.clone(), stop.clone(), consistent.clone());
-            std::thread::spawn(move || {
-                while !stop.load(Ordering::Relaxed) {
-                    let before = fs::read_link(dir.join(DATA_LINK)).unwrap();
-                    let table = fs::read_to_string(dir.join("KeyTable"));
-                    let mut missing = table.is_err();
-                    let table = table.unwrap_or_default();
-                    if !missing {
-                        assert!(table.ends_with("end\n"), "partial KeyTable: {table:?}");
-                    }
-                    for line in table.lines().filter(|l| *l != "end") {
-                        let (name, path) = line.split_once(' ').unwrap();
-                        match fs::read_to_string(path) {
-                            Ok(c) => {
-                                let want = format!("key {}\n", &name[1..]);
-                                assert!(c.starts_with(&want), "{path} holds another key");
-                                assert_eq!(c.len(), want.len() + 4096, "partial {path}");
-                            }
-                            Err(_) => missing = true,
-                        }
-                    }
-                    let after = fs::read_link(dir.join(DATA_LINK)).unwrap();
-                    if before == after {
-                        assert!(
-                            !missing,
-                            "a file named by KeyTable was missing from a live set"
-                        );
-                        consistent.fetch_add(1, Ordering::Relaxed);
-                    }
-                }
-            })
-        };
-        let start = std::time::Instant::now();
-        for g in 1..=200 {
-            publish(&dir, &gen_set(g), &PublishOptions::default()).unwrap();
-        }
-        stop.store(true, Ordering::Relaxed);
-        reader.join().unwrap();
-        assert!(consistent.load(Ordering::Relaxed) > 0);
-        assert_eq!(snapshots(&dir).len(), 1);
-        assert!(start.elapsed() < std::time::Duration::from_secs(10));
-    }
-}
+mod tests;

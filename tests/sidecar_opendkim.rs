@@ -57,7 +57,7 @@ fn start_opendkim(dir: &Path, out: &Path, ed25519: bool) -> OpenDkim {
         port,
         pidfile,
     };
-    wait_for(Duration::from_secs(10), || {
+    wait_for(Duration::from_secs(60), || {
         d.pidfile.exists() && std::net::TcpStream::connect(("127.0.0.1", port)).is_ok()
     })
     .unwrap_or_else(|| {
@@ -228,7 +228,7 @@ fn rotate_and_resign(key_type: &str) {
     let reloads = sc.metric("keyroll_sidecar_reloads_total{result=\"ok\"}");
     keyroll_rotate(bao, &policy, &key);
     // The webhook made it immediate; the reload is a SIGUSR1 to opendkim.
-    wait_for(Duration::from_secs(10), || {
+    wait_for(Duration::from_secs(60), || {
         sc.out.join(format!("keys/kr2.{domain}.private")).exists()
             && sc.metric("keyroll_sidecar_reloads_total{result=\"ok\"}") > reloads
     })

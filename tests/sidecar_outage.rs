@@ -25,7 +25,7 @@ fn files_stay_byte_identical_through_an_outage_and_the_sidecar_catches_up_after(
 
     // Outage: the server process is gone.
     bao.stop();
-    wait_for(Duration::from_secs(10), || {
+    wait_for(Duration::from_secs(60), || {
         s.metric("keyroll_sidecar_vault_up") == 0.0
     })
     .unwrap_or_else(|| panic!("outage not noticed: {}", s.logs()));
@@ -51,11 +51,11 @@ fn files_stay_byte_identical_through_an_outage_and_the_sidecar_catches_up_after(
     // Back, and a rotation happened meanwhile (right after restart, before the sidecar looks).
     bao.start();
     rotate(&bao, "dkim");
-    wait_for(Duration::from_secs(10), || {
+    wait_for(Duration::from_secs(60), || {
         s.out.join("keys/kr2.outage.example.private").exists()
     })
     .unwrap_or_else(|| panic!("did not catch up: {}", s.logs()));
-    wait_for(Duration::from_secs(5), || {
+    wait_for(Duration::from_secs(60), || {
         s.http("GET", "/healthz", &[]).0 == 200
     })
     .unwrap_or_else(|| panic!("still degraded: {}", s.http("GET", "/healthz", &[]).1));
@@ -63,7 +63,7 @@ fn files_stay_byte_identical_through_an_outage_and_the_sidecar_catches_up_after(
     // Sealed is an outage too.
     let before = snapshot(&s.out);
     bao.seal();
-    wait_for(Duration::from_secs(10), || {
+    wait_for(Duration::from_secs(60), || {
         s.metric("keyroll_sidecar_vault_up") == 0.0
     })
     .unwrap_or_else(|| panic!("seal not noticed: {}", s.logs()));
@@ -72,7 +72,7 @@ fn files_stay_byte_identical_through_an_outage_and_the_sidecar_catches_up_after(
     assert_eq!(snapshot(&s.out), before);
     bao.unseal();
     rotate(&bao, "ring");
-    wait_for(Duration::from_secs(10), || {
+    wait_for(Duration::from_secs(60), || {
         serde_json::from_str::<serde_json::Value>(&s.read("ring.keyring.json")).unwrap()
             ["active_version"]
             == 2

@@ -3,10 +3,10 @@
 //! shrinks as well as grows), never sees a mix of two snapshots or a partial file.
 //!
 //! The reader does what a careful consumer does: resolve `..data` once, then read every file of
-//! that snapshot. If the snapshot is removed under it (the publisher deletes superseded ones),
-//! (its files disappear while `..data` already names the next one), the iteration is discarded as
-//! "vanished", never counted as consistent or torn: only the snapshot `..data` names must be
-//! complete.
+//! that snapshot. Superseded snapshots stay for a grace period (at most eight of them), so a
+//! snapshot can still be removed under a reader that is very slow or very unlucky during this
+//! burst of 100 publishes; such an iteration is discarded as "vanished", never counted as
+//! consistent or torn: only the snapshot `..data` names must be complete.
 
 mod common;
 

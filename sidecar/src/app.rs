@@ -1,20 +1,25 @@
-//! Wiring: connect to Vault, start the tasks (watch loop, reloader, HTTP listener, filesystem
-//! watches, config reloader, token renewal), run until SIGTERM/SIGINT, drain under a timeout.
-//! Also the `--once` run. Returns documented exit codes; `main` only maps them.
+//! Wiring: start the tasks (HTTP listener, watch loop, reloader, filesystem watches, config
+//! reloader), run until SIGTERM/SIGINT, drain under a timeout. Also the `--once` run. Returns
+//! documented exit codes; `main` only maps them.
+//!
+//! The watch loop starts at once, before Vault answers: it first recovers what the live
+//! snapshot holds (so a reload owed since before a crash goes out, and a key Vault refuses
+//! keeps its files), then logs in, retrying with backoff while Vault is unreachable.
 
 use std::process::ExitCode;
 use std::sync::Arc;
 use std::time::Duration;
 
-use keyroll::vault::Vault;
+use keyroll::vault::{ClientConfig, ClientOverrides};
 use tokio::signal::unix::{signal, SignalKind};
 use tokio::sync::{watch, Notify};
 
-use crate::backoff::Backoff;
 use crate::config::Config;
+use crate::fetch::{classify, Severity};
+use crate::reload::{self, Reloads};
 use crate::status::Shared;
-use crate::watch::{classify, Severity, Watcher, VAULT_BACKOFF_INITIAL, VAULT_BACKOFF_MAX};
-use crate::{http, reload, selfheal};
+use crate::watch::Watcher;
+use crate::{http, selfheal};
 
 /// Exit codes (documented in the README section).
 pub const EXIT_OK: u8 = 0;
@@ -44,49 +49,22 @@ pub async fn once(cfg: Config) -> ExitCode {
         }
     };
     let shared = Arc::new(Shared::new());
-    let (reload_tx, _rx) = watch::channel(reload::Request::default());
-    let mut w = Watcher::new(Arc::new(cfg), vault, shared, reload_tx);
+    // --once never reloads: an init container runs before the mailer. The content stays owed
+    // to the mailer (no marker is written), so a long-running sidecar reloads it once.
+    let (reloads, _rx, _) = Reloads::new(None);
+    let (_stop_tx, stop_rx) = watch::channel(false);
+    let mut w = Watcher::new(Arc::new(cfg), Some(vault), shared, reloads, stop_rx);
     let r = w.once().await;
     if let Some(e) = r.vault_error {
         tracing::error!(error = %e, "Vault unavailable; nothing written");
         return ExitCode::from(EXIT_UNAVAILABLE);
     }
     if !r.failed_keys.is_empty() || !r.complete {
-        tracing::error!(failed = ?r.failed_keys, "not every key could be rendered; nothing written");
+        tracing::error!(failed = ?r.failed_keys, "not every key could be delivered; nothing written");
         return ExitCode::from(EXIT_RUNTIME);
     }
     tracing::info!(published = r.published, "all keys delivered");
     ExitCode::from(EXIT_OK)
-}
-
-/// Logs in, retrying with backoff while Vault is unavailable (a sidecar may start before Vault).
-async fn connect_with_retry(
-    cfg: &Config,
-    shared: &Shared,
-    stop: &mut watch::Receiver<bool>,
-) -> Result<Option<Vault>, ExitCode> {
-    let mut backoff = Backoff::new(VAULT_BACKOFF_INITIAL, VAULT_BACKOFF_MAX);
-    loop {
-        match selfheal::connect(cfg).await {
-            Ok(v) => return Ok(Some(v)),
-            Err(e @ keyroll::vault::VaultError::Config(_)) => {
-                tracing::error!(error = %e, "cannot build the Vault client");
-                return Err(ExitCode::from(EXIT_CONFIG));
-            }
-            Err(e) => {
-                let wait = backoff.next();
-                tracing::warn!(error = %e, retry_in_ms = wait.as_millis() as u64, "cannot log in to Vault; retrying");
-                shared.with(|s| {
-                    s.vault_error = Some(e.to_string());
-                    s.error("vault");
-                });
-                tokio::select! {
-                    _ = tokio::time::sleep(wait) => {}
-                    _ = stop.changed() => return Ok(None),
-                }
-            }
-        }
-    }
 }
 
 /// The long-running sidecar.
@@ -118,6 +96,17 @@ pub async fn run(cfg: Config) -> ExitCode {
         signal_stop.send_replace(true);
     });
 
+    // Vault settings that can never work (no credentials, plain http to a remote host) are a
+    // config error, reported before anything runs.
+    if let Err(e) = ClientConfig::resolve(
+        &cfg.vault,
+        &keyroll::vault::client::env_var,
+        &ClientOverrides::default(),
+    ) {
+        tracing::error!(error = %e, "cannot build the Vault client");
+        return ExitCode::from(EXIT_CONFIG);
+    }
+
     // The listener comes up first, so /healthz answers (degraded) while Vault is unreachable.
     let mut tasks = Vec::new();
     if cfg.listen.enabled {
@@ -137,18 +126,7 @@ pub async fn run(cfg: Config) -> ExitCode {
         }));
     }
 
-    let mut stop_for_connect = stop_rx.clone();
-    let vault = match connect_with_retry(&cfg, &shared, &mut stop_for_connect).await {
-        Ok(Some(v)) => v,
-        Ok(None) => return ExitCode::from(EXIT_OK),
-        Err(code) => return code,
-    };
-    {
-        let (v, st) = (vault.clone(), stop_rx.clone());
-        tokio::spawn(async move { v.keep_token_alive(st).await });
-    }
-
-    if let Err(e) = std::fs::create_dir_all(&cfg.output_dir) {
+    if let Err(e) = tokio::fs::create_dir_all(&cfg.output_dir).await {
         tracing::error!(dir = %cfg.output_dir.display(), error = %e, "cannot create the output directory");
         return ExitCode::from(EXIT_RUNTIME);
     }
@@ -167,8 +145,14 @@ pub async fn run(cfg: Config) -> ExitCode {
         }
     };
 
-    let (reload_tx, reload_rx) = watch::channel(reload::Request::default());
-    let reloader = tokio::spawn(reload::run(reload_rx, shared.clone()));
+    let confirmed = reload::read_confirmed(cfg.output_dir.clone()).await;
+    let (reloads, reload_rx, confirmed) = Reloads::new(confirmed);
+    let reloader = tokio::spawn(reload::run(
+        reload_rx,
+        shared.clone(),
+        cfg.output_dir.clone(),
+        confirmed,
+    ));
 
     let cfg = Arc::new(cfg);
     let (cfg_tx, cfg_rx) = watch::channel((cfg.clone(), None));
@@ -180,18 +164,23 @@ pub async fn run(cfg: Config) -> ExitCode {
         stop_rx.clone(),
     )));
 
-    let watcher = Watcher::new(cfg, vault, shared.clone(), reload_tx);
+    let watcher = Watcher::new(cfg, None, shared.clone(), reloads, stop_rx.clone());
     let mut main_loop = tokio::spawn(watcher.run(cfg_rx, heal, stop_rx.clone()));
 
     let mut stop_wait = stop_rx.clone();
     // Biased: when a stop request made the watch loop return, both arms are ready at once; the
-    // stop arm must win, or a clean SIGTERM would be reported as a crash (exit 1).
+    // stop arm must win, or a clean SIGTERM would be reported as a failure.
     tokio::select! {
         biased;
         _ = stop_wait.changed() => {}
         r = &mut main_loop => {
-            tracing::error!(?r, "watch loop ended unexpectedly");
-            return ExitCode::from(EXIT_RUNTIME);
+            return match r {
+                Ok(Some(code)) => ExitCode::from(code),
+                r => {
+                    tracing::error!(?r, "watch loop ended unexpectedly");
+                    ExitCode::from(EXIT_RUNTIME)
+                }
+            };
         }
     }
     // Drain: let a pass in flight finish and a reload in flight complete, within a bound.

@@ -1,8 +1,10 @@
-//! Exponential backoff with full jitter, and jittered poll intervals.
+//! Exponential backoff with jitter, and jittered poll intervals.
 //!
-//! Every retry loop in the sidecar (Vault outages, reloads) uses this one type so the delays are
-//! bounded the same way: doubling from `initial`, never above `max`, each delay drawn uniformly
-//! from [delay/2, delay] so many sidecars restarting together do not hit Vault in step.
+//! Every retry loop in the sidecar (Vault outages, publishes, reloads) uses this one type so the
+//! delays are bounded the same way: doubling from `initial`, never above `max`, each delay drawn
+//! uniformly from [delay/2, delay] so many sidecars restarting together do not hit Vault in
+//! step. Poll intervals are jittered downwards only: spread out, but never later than the
+//! configured interval.
 
 use std::time::Duration;
 
@@ -40,13 +42,15 @@ impl Backoff {
     }
 }
 
-/// `interval` lengthened or shortened by up to `fraction` of itself, uniformly.
+/// `interval` shortened by up to `fraction` of itself, uniformly: polls stay spread out across
+/// a fleet, and no wait is ever longer than the configured interval (so a change is seen within
+/// one interval, and on average a little sooner).
 pub fn jittered(interval: Duration, fraction: f64) -> Duration {
-    if fraction <= 0.0 {
+    if fraction.is_nan() || fraction <= 0.0 {
         return interval;
     }
-    let f = rand::rng().random_range(-fraction..=fraction);
-    interval.mul_f64((1.0 + f).max(0.0))
+    let f = rand::rng().random_range(0.0..=fraction.min(1.0));
+    interval.mul_f64(1.0 - f)
 }
 
 #[cfg(test)]
@@ -70,11 +74,14 @@ mod tests {
     }
 
     #[test]
-    fn jitter_stays_within_its_fraction() {
+    fn jitter_only_ever_shortens_and_stays_within_its_fraction() {
+        let mut shortest = f64::MAX;
         for _ in 0..1000 {
             let d = jittered(Duration::from_secs(10), 0.1).as_secs_f64();
-            assert!((9.0..=11.0).contains(&d), "{d}");
+            assert!((9.0..=10.0).contains(&d), "{d}");
+            shortest = shortest.min(d);
         }
+        assert!(shortest < 9.9, "no jitter at all: {shortest}");
         assert_eq!(
             jittered(Duration::from_secs(3), 0.0),
             Duration::from_secs(3)

@@ -3,7 +3,12 @@
 //!
 //! Two stages, as for the rotator's policy: `toml` deserializes a raw shape that refuses unknown
 //! fields, then [`Config::from_toml`] validates it into types nothing downstream checks again.
-//! Every error names the file, the line and the field (`sidecar.toml:14: keys.domain: ...`).
+//! Every error names the file, the line and the field (`sidecar.toml:14: keys.domain: ...`):
+//! a bad value points at its own line, a missing field at the line of the table that lacks it
+//! (line 1 for the top level), and TOML's own errors (wrong type, unknown field) are given the
+//! field written on the line they point at. Every duration has a named upper bound, and
+//! everything that ends up in a file name or KeyTable (domains, selectors, the output directory)
+//! is checked here, so a bad value stops the sidecar at load (exit 64), not at its first render.
 //! Loading reads two small files besides the config itself: the `/refresh` bearer token (so a
 //! changed token file is picked up by a config reload) and, for `owner`, the user database.
 
@@ -13,8 +18,7 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use keyroll::config::{line_col, ConfigError, RawVault, VaultSettings};
-use keyroll::duration::Span;
-use keyroll::render::{OpenDkimSpec, OutputSpec, PemSpec, DEFAULT_SELECTOR_TEMPLATE};
+use keyroll::render::{opendkim, OutputSpec};
 use keyroll::KeyName;
 use secrecy::SecretString;
 use serde::Deserialize;
@@ -27,26 +31,39 @@ pub const DEFAULT_PUBLIC_FILE_MODE: u32 = keyroll::publish::DEFAULT_PUBLIC_FILE_
 pub const DEFAULT_POLL_INTERVAL: Duration = Duration::from_secs(30);
 /// Shortest poll interval accepted: one metadata read per key per interval must stay cheap.
 pub const MIN_POLL_INTERVAL: Duration = Duration::from_millis(100);
+/// Longest poll interval accepted: a day. Longer would leave a rotation undelivered for days
+/// (and an absurd value would overflow the clock).
+pub const MAX_POLL_INTERVAL: Duration = Duration::from_secs(24 * 3600);
+/// How long a superseded snapshot stays readable (see `keyroll::publish`).
+pub const DEFAULT_SNAPSHOT_GRACE: Duration = keyroll::publish::DEFAULT_SNAPSHOT_GRACE;
+/// Longest grace accepted for superseded snapshots: a day.
+pub const MAX_SNAPSHOT_GRACE: Duration = Duration::from_secs(24 * 3600);
+/// Longest staged activation accepted: 90 days (DNS propagation takes hours, not months).
+pub const MAX_ACTIVATE_AFTER: Duration = Duration::from_secs(90 * 86_400);
+/// Longest reload timeout accepted: 10 minutes.
+pub const MAX_RELOAD_TIMEOUT: Duration = Duration::from_secs(600);
 pub const DEFAULT_POLL_JITTER: f64 = 0.10;
 /// Jitter above this would make "poll interval" meaningless.
 pub const MAX_POLL_JITTER: f64 = 0.5;
 pub const DEFAULT_LISTEN: &str = "127.0.0.1:8901";
 pub const DEFAULT_RELOAD_TIMEOUT: Duration = Duration::from_secs(10);
+/// Failed attempts before a reload failure is reported (`/healthz`, ERROR); retries go on.
 pub const DEFAULT_RELOAD_ATTEMPTS: u32 = 5;
-/// Cap on reload attempts per publish: a mailer that never reloads must not be hammered forever.
 pub const MAX_RELOAD_ATTEMPTS: u32 = 20;
+/// Longest process name the kernel keeps in `/proc/<pid>/comm`.
+pub const MAX_PROCESS_NAME: usize = 255;
 
 #[derive(Debug, Deserialize, Default)]
 #[serde(deny_unknown_fields)]
 struct RawConfig {
-    #[serde(default)]
-    vault: RawVault,
+    vault: Option<Spanned<RawVault>>,
     output_dir: Option<Spanned<PathBuf>>,
     file_mode: Option<Spanned<String>>,
     public_file_mode: Option<Spanned<String>>,
     owner: Option<Spanned<String>>,
     poll_interval: Option<Spanned<String>>,
     poll_jitter: Option<Spanned<String>>,
+    snapshot_grace: Option<Spanned<String>>,
     listen: Option<Spanned<RawListen>>,
     reload: Option<Spanned<RawReload>>,
     #[serde(default)]
@@ -66,11 +83,12 @@ struct RawListen {
 struct RawReload {
     signal: Option<String>,
     pidfile: Option<PathBuf>,
+    process: Option<Spanned<String>>,
     command: Option<Vec<String>>,
     url: Option<String>,
     method: Option<String>,
-    timeout: Option<Span>,
-    attempts: Option<u32>,
+    timeout: Option<Spanned<String>>,
+    attempts: Option<Spanned<u32>>,
 }
 
 #[derive(Debug, Deserialize, Default)]
@@ -80,9 +98,9 @@ struct RawKey {
     mount: Option<String>,
     format: Option<String>,
     // opendkim
-    domain: Option<String>,
-    selector: Option<String>,
-    activate_after: Option<Span>,
+    domain: Option<Spanned<String>>,
+    selector: Option<Spanned<String>>,
+    activate_after: Option<Spanned<String>>,
     // pem
     private: Option<bool>,
     public: Option<bool>,
@@ -139,10 +157,12 @@ impl ReloadSignal {
 /// How the mailer is told to re-read its files.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum ReloadMethod {
-    /// Send `signal` to the PID in `pidfile` (re-read on every reload).
+    /// Send `signal` to the PID in `pidfile` (re-read on every reload), once that PID is
+    /// checked to be the mailer (`process`: its expected name, if given).
     Signal {
         signal: ReloadSignal,
         pidfile: PathBuf,
+        process: Option<String>,
     },
     /// Run a program (no shell); success is exit status 0 within the timeout.
     Command { argv: Vec<String> },
@@ -155,6 +175,7 @@ pub enum ReloadMethod {
 pub struct ReloadSettings {
     pub method: ReloadMethod,
     pub timeout: Duration,
+    /// Failed attempts before the failure is reported; retries go on with capped backoff.
     pub attempts: u32,
 }
 
@@ -193,8 +214,10 @@ pub struct Config {
     pub public_file_mode: u32,
     pub owner: Option<(Option<u32>, Option<u32>)>,
     pub poll_interval: Duration,
-    /// Fraction of `poll_interval` each wait may be shortened or lengthened by.
+    /// Fraction of `poll_interval` each wait may be shortened by (never lengthened).
     pub poll_jitter: f64,
+    /// How long a superseded snapshot stays readable.
+    pub snapshot_grace: Duration,
     pub listen: ListenSettings,
     pub reload: Option<ReloadSettings>,
     pub keys: Vec<KeySpec>,
@@ -208,8 +231,7 @@ impl Config {
 
     /// Validates config text; `path` names the file in messages and anchors relative paths.
     pub fn from_toml(path: &Path, text: &str) -> Result<Self, ConfigError> {
-        let raw: RawConfig =
-            toml::from_str(text).map_err(|e| ConfigError::from_toml(path, text, e))?;
+        let raw: RawConfig = toml::from_str(text).map_err(|e| toml_error(path, text, e))?;
         let line_of = |span: std::ops::Range<usize>| line_col(text, span.start).0;
         let at = |line: usize, field: &str, reason: String| ConfigError::Invalid {
             path: path.to_path_buf(),
@@ -223,11 +245,16 @@ impl Config {
         };
         let base = std::path::absolute(&base).unwrap_or(base);
 
-        let vault = VaultSettings::from_raw(raw.vault, &base).map_err(|(f, r)| at(0, f, r))?;
+        let (vault_line, raw_vault) = match raw.vault {
+            Some(v) => (line_of(v.span()), v.into_inner()),
+            None => (TOP_LINE, RawVault::default()),
+        };
+        let vault =
+            VaultSettings::from_raw(raw_vault, &base).map_err(|(f, r)| at(vault_line, f, r))?;
 
         let output_dir = raw.output_dir.ok_or_else(|| {
             at(
-                0,
+                TOP_LINE,
                 "output_dir",
                 "missing; give the directory the mailer reads, e.g. \"/etc/opendkim/keyroll\""
                     .into(),
@@ -264,27 +291,28 @@ impl Config {
                 Some(parse_owner(s.get_ref()).map_err(|r| at(line, "owner", r))?)
             }
         };
-        let poll_interval = match raw.poll_interval {
-            None => DEFAULT_POLL_INTERVAL,
+        let bounded = |v: Option<Spanned<String>>,
+                       field: &str,
+                       default: Duration,
+                       (min, max): (Duration, Duration)| match v {
+            None => Ok(default),
             Some(s) => {
                 let line = line_of(s.span());
-                let d = Span::parse(s.get_ref())
-                    .map_err(|r| at(line, "poll_interval", r))?
-                    .std();
-                if d < MIN_POLL_INTERVAL {
-                    return Err(at(
-                        line,
-                        "poll_interval",
-                        format!(
-                            "{:?} is below the minimum of {}ms",
-                            s.get_ref(),
-                            MIN_POLL_INTERVAL.as_millis()
-                        ),
-                    ));
-                }
-                d
+                parse_bounded(s.get_ref(), min, max).map_err(|r| at(line, field, r))
             }
         };
+        let poll_interval = bounded(
+            raw.poll_interval,
+            "poll_interval",
+            DEFAULT_POLL_INTERVAL,
+            (MIN_POLL_INTERVAL, MAX_POLL_INTERVAL),
+        )?;
+        let snapshot_grace = bounded(
+            raw.snapshot_grace,
+            "snapshot_grace",
+            DEFAULT_SNAPSHOT_GRACE,
+            (Duration::from_secs(1), MAX_SNAPSHOT_GRACE),
+        )?;
         let poll_jitter = match raw.poll_jitter {
             None => DEFAULT_POLL_JITTER,
             Some(s) => {
@@ -296,7 +324,7 @@ impl Config {
         let listen = {
             let (line, l) = match raw.listen {
                 Some(s) => (line_of(s.span()), s.into_inner()),
-                None => (0, RawListen::default()),
+                None => (TOP_LINE, RawListen::default()),
             };
             let address_text = l.address.unwrap_or_else(|| DEFAULT_LISTEN.into());
             let address: SocketAddr = address_text.parse().map_err(|_| {
@@ -334,7 +362,10 @@ impl Config {
             None => None,
             Some(s) => {
                 let line = line_of(s.span());
-                Some(reload_settings(s.into_inner(), &base).map_err(|(f, r)| at(line, f, r))?)
+                Some(
+                    reload_settings(s.into_inner(), &base, &line_of)
+                        .map_err(|(l, f, r)| at(l.unwrap_or(line), f, r))?,
+                )
             }
         };
 
@@ -342,7 +373,8 @@ impl Config {
         let mut seen = BTreeSet::new();
         for spanned in raw.keys {
             let line = line_of(spanned.span());
-            let key = key_spec(spanned.into_inner(), line).map_err(|(f, r)| at(line, f, r))?;
+            let key = key_spec(spanned.into_inner(), line, &line_of)
+                .map_err(|(l, f, r)| at(l.unwrap_or(line), f, r))?;
             if !seen.insert((key.mount.clone(), key.name.clone(), key.format())) {
                 return Err(at(
                     line,
@@ -356,11 +388,15 @@ impl Config {
                     ),
                 ));
             }
+            if matches!(key.output, OutputSpec::OpenDkim(_)) {
+                opendkim::keytable_dir(&output_dir)
+                    .map_err(|e| at(od_line, "output_dir", e.to_string()))?;
+            }
             keys.push(key);
         }
         if keys.is_empty() {
             return Err(at(
-                0,
+                TOP_LINE,
                 "keys",
                 "no [[keys]] entries; the sidecar would have nothing to deliver".into(),
             ));
@@ -375,6 +411,7 @@ impl Config {
             owner,
             poll_interval,
             poll_jitter,
+            snapshot_grace,
             listen,
             reload,
             keys,
@@ -386,381 +423,25 @@ impl Config {
             file_mode: self.file_mode,
             public_file_mode: self.public_file_mode,
             owner: self.owner,
+            grace: self.snapshot_grace,
             ..Default::default()
         }
     }
 }
 
-fn key_spec(k: RawKey, line: usize) -> Result<KeySpec, (&'static str, String)> {
-    let name = k
-        .name
-        .ok_or(("keys.name", "every [[keys]] entry needs a name".to_string()))?;
-    let name = KeyName::new(&name).map_err(|e| ("keys.name", e.to_string()))?;
-    let mount = k.mount.unwrap_or_else(|| DEFAULT_MOUNT.into());
-    keyroll::policy::check_mount(&mount).map_err(|r| ("keys.mount", r))?;
-    let format = k.format.ok_or((
-        "keys.format",
-        format!("key {name} has no format; use opendkim, pem or keyring-json"),
-    ))?;
-    let only = |field: &'static str, set: bool, fmt: &str| -> Result<(), (&'static str, String)> {
-        if set {
-            Err((
-                field,
-                format!("applies to format = \"{fmt}\" only; key {name} is {format}"),
-            ))
-        } else {
-            Ok(())
-        }
-    };
-    // Fields only the opendkim format reads, refused elsewhere (pem and keyring-json).
-    let no_opendkim_fields = || -> Result<(), (&'static str, String)> {
-        only("keys.domain", k.domain.is_some(), "opendkim")?;
-        only("keys.selector", k.selector.is_some(), "opendkim")?;
-        only(
-            "keys.activate_after",
-            k.activate_after.is_some(),
-            "opendkim",
-        )
-    };
-    let output = match format.as_str() {
-        "opendkim" => {
-            only("keys.private", k.private.is_some(), "pem")?;
-            only("keys.public", k.public.is_some(), "pem")?;
-            let domain = k.domain.ok_or((
-                "keys.domain",
-                format!("key {name} is delivered for OpenDKIM and needs the signing domain"),
-            ))?;
-            let domain = domain.trim_end_matches('.').to_ascii_lowercase();
-            let selector_template = k
-                .selector
-                .unwrap_or_else(|| DEFAULT_SELECTOR_TEMPLATE.into());
-            if !selector_template.contains("{version}") {
-                return Err((
-                    "keys.selector",
-                    format!(
-                        "{selector_template:?} has no {{version}}; every version needs its own \
-                         selector (DKIM selectors are never reused)"
-                    ),
-                ));
-            }
-            OutputSpec::OpenDkim(OpenDkimSpec {
-                domain,
-                selector_template,
-                activate_after: k.activate_after.map(Span::std),
-            })
-        }
-        "pem" => {
-            no_opendkim_fields()?;
-            let spec = PemSpec {
-                private: k.private.unwrap_or(true),
-                public: k.public.unwrap_or(true),
-            };
-            if !spec.private && !spec.public {
-                return Err((
-                    "keys.private",
-                    "private = false and public = false leaves nothing to write".into(),
-                ));
-            }
-            OutputSpec::Pem(spec)
-        }
-        "keyring-json" => {
-            no_opendkim_fields()?;
-            only("keys.private", k.private.is_some(), "pem")?;
-            only("keys.public", k.public.is_some(), "pem")?;
-            OutputSpec::KeyringJson
-        }
-        other => {
-            return Err((
-                "keys.format",
-                format!("{other:?} is not a format; use opendkim, pem or keyring-json"),
-            ))
-        }
-    };
-    Ok(KeySpec {
-        name,
-        mount,
-        output,
-        line,
-    })
-}
+/// The line reported for a field missing from the top-level table (which starts at line 1).
+const TOP_LINE: usize = 1;
 
-fn reload_settings(r: RawReload, base: &Path) -> Result<ReloadSettings, (&'static str, String)> {
-    let timeout = r.timeout.map(Span::std).unwrap_or(DEFAULT_RELOAD_TIMEOUT);
-    let attempts = r.attempts.unwrap_or(DEFAULT_RELOAD_ATTEMPTS);
-    if attempts == 0 || attempts > MAX_RELOAD_ATTEMPTS {
-        return Err((
-            "reload.attempts",
-            format!("{attempts} is out of range; use 1..={MAX_RELOAD_ATTEMPTS}"),
-        ));
-    }
-    let exactly_one = "give exactly one of signal + pidfile, command, or url";
-    let method = match (r.signal, r.pidfile, r.command, r.url) {
-        (Some(sig), Some(pidfile), None, None) => {
-            let signal = ReloadSignal::parse(&sig).ok_or((
-                "reload.signal",
-                format!("{sig:?} is not a reload signal; use SIGHUP, SIGUSR1 or SIGUSR2"),
-            ))?;
-            ReloadMethod::Signal {
-                signal,
-                pidfile: base.join(pidfile),
-            }
-        }
-        (Some(_), None, None, None) => {
-            return Err((
-                "reload.pidfile",
-                "signal needs a pidfile naming the mailer's process".into(),
-            ))
-        }
-        (None, Some(_), None, None) => {
-            return Err((
-                "reload.signal",
-                "pidfile needs a signal: SIGUSR1 for OpenDKIM, SIGHUP for most others".into(),
-            ))
-        }
-        (None, None, Some(argv), None) => {
-            if argv.is_empty() || argv[0].is_empty() {
-                return Err((
-                    "reload.command",
-                    "is empty; give the program and its arguments, e.g. [\"postfix\", \"reload\"]"
-                        .into(),
-                ));
-            }
-            ReloadMethod::Command { argv }
-        }
-        (None, None, None, Some(url)) => {
-            let u = url::Url::parse(&url)
-                .map_err(|e| ("reload.url", format!("{url:?} is not a URL: {e}")))?;
-            if !matches!(u.scheme(), "http" | "https") {
-                return Err(("reload.url", format!("{url} must be http or https")));
-            }
-            let method = r
-                .method
-                .unwrap_or_else(|| "POST".into())
-                .to_ascii_uppercase();
-            if !matches!(method.as_str(), "GET" | "POST" | "PUT") {
-                return Err(("reload.method", format!("{method:?}: use GET, POST or PUT")));
-            }
-            ReloadMethod::Url { url, method }
-        }
-        _ => return Err(("reload", exactly_one.into())),
-    };
-    Ok(ReloadSettings {
-        method,
-        timeout,
-        attempts,
-    })
-}
+/// A field's problem: the line of its value when known (else the caller's table line), the
+/// field, the reason.
+type FieldError = (Option<usize>, &'static str, String);
 
-/// `"0600"`, `"600"` or `"0o600"`: an octal permission mode, at most 0777.
-pub fn parse_mode(s: &str) -> Result<u32, String> {
-    let digits = s.trim_start_matches("0o");
-    let m = u32::from_str_radix(digits, 8)
-        .map_err(|_| format!("{s:?} is not an octal mode; write it as a string like \"0600\""))?;
-    if m > 0o777 {
-        return Err(format!(
-            "{s:?} has bits beyond 0777; setuid/setgid/sticky are not allowed"
-        ));
-    }
-    Ok(m)
-}
+mod sections;
+mod values;
 
-/// `"10%"` → 0.10, or a plain fraction `"0.1"`; at most 50 %.
-pub fn parse_percent(s: &str) -> Result<f64, String> {
-    let t = s.trim();
-    let v = match t.strip_suffix('%') {
-        Some(p) => p.trim().parse::<f64>().map(|x| x / 100.0),
-        None => t.parse::<f64>(),
-    }
-    .map_err(|_| format!("{s:?} is not a percentage; write e.g. \"10%\""))?;
-    if !(0.0..=MAX_POLL_JITTER).contains(&v) {
-        return Err(format!(
-            "{s:?} is out of range; use 0% to {}%",
-            MAX_POLL_JITTER * 100.0
-        ));
-    }
-    Ok(v)
-}
-
-/// `user[:group]`, each a name or a number; `:group` alone changes only the group.
-pub fn parse_owner(s: &str) -> Result<(Option<u32>, Option<u32>), String> {
-    let (user, group) = match s.split_once(':') {
-        Some((u, g)) => (u, Some(g)),
-        None => (s, None),
-    };
-    let uid = if user.is_empty() {
-        None
-    } else if let Ok(n) = user.parse::<u32>() {
-        Some(n)
-    } else {
-        let u = nix::unistd::User::from_name(user)
-            .map_err(|e| format!("looking up user {user:?}: {e}"))?
-            .ok_or_else(|| format!("user {user:?} does not exist on this system"))?;
-        Some(u.uid.as_raw())
-    };
-    let gid = match group {
-        None => None,
-        Some("") => return Err(format!("{s:?} has an empty group after ':'")),
-        Some(g) => {
-            if let Ok(n) = g.parse::<u32>() {
-                Some(n)
-            } else {
-                let gr = nix::unistd::Group::from_name(g)
-                    .map_err(|e| format!("looking up group {g:?}: {e}"))?
-                    .ok_or_else(|| format!("group {g:?} does not exist on this system"))?;
-                Some(gr.gid.as_raw())
-            }
-        }
-    };
-    if uid.is_none() && gid.is_none() {
-        return Err(format!("{s:?} names neither a user nor a group"));
-    }
-    Ok((uid, gid))
-}
-
-fn read_token(p: &Path) -> Result<SecretString, String> {
-    let text =
-        std::fs::read_to_string(p).map_err(|e| format!("cannot read {}: {e}", p.display()))?;
-    let t = text.trim();
-    if t.is_empty() {
-        return Err(format!("{} is empty", p.display()));
-    }
-    Ok(SecretString::from(t.to_string()))
-}
+use sections::{key_spec, reload_settings};
+pub use values::{parse_bounded, parse_mode, parse_owner, parse_percent};
+use values::{read_token, toml_error};
 
 #[cfg(test)]
-mod tests {
-    use super::*;
-
-    fn load(text: &str) -> Result<Config, String> {
-        Config::from_toml(Path::new("/etc/sidecar.toml"), text).map_err(|e| e.to_string())
-    }
-
-    const MIN: &str = "output_dir = \"/out\"\n[[keys]]\nname = \"k\"\nformat = \"keyring-json\"\n";
-
-    #[test]
-    fn defaults_fill_a_minimal_file() {
-        let c = load(MIN).unwrap();
-        assert_eq!(c.output_dir, PathBuf::from("/out"));
-        assert_eq!(c.file_mode, 0o600);
-        assert_eq!(c.poll_interval, DEFAULT_POLL_INTERVAL);
-        assert_eq!(c.listen.address.to_string(), DEFAULT_LISTEN);
-        assert_eq!(c.keys[0].mount, "transit");
-        assert!(c.reload.is_none());
-    }
-
-    #[test]
-    fn the_readme_example_loads() {
-        let text = r#"
-output_dir = "/etc/opendkim/keyroll"
-file_mode = "0640"
-owner = "0:0"
-poll_interval = "30s"
-poll_jitter = "10%"
-[listen]
-address = "127.0.0.1:8901"
-[reload]
-signal = "SIGUSR1"
-pidfile = "/run/opendkim/opendkim.pid"
-timeout = "10s"
-[[keys]]
-name = "dkim-example-com"
-format = "opendkim"
-domain = "Example.com."
-selector = "kr{version}"
-activate_after = "48h"
-"#;
-        let c = load(text).unwrap();
-        assert_eq!(c.file_mode, 0o640);
-        assert_eq!(c.owner, Some((Some(0), Some(0))));
-        assert!((c.poll_jitter - 0.1).abs() < 1e-9);
-        match &c.keys[0].output {
-            OutputSpec::OpenDkim(s) => {
-                assert_eq!(s.domain, "example.com");
-                assert_eq!(s.activate_after, Some(Duration::from_secs(48 * 3600)));
-            }
-            o => panic!("{o:?}"),
-        }
-        assert_eq!(
-            c.reload.unwrap().method,
-            ReloadMethod::Signal {
-                signal: ReloadSignal::Usr1,
-                pidfile: "/run/opendkim/opendkim.pid".into()
-            }
-        );
-    }
-
-    #[test]
-    fn errors_name_file_line_and_field() {
-        let e = load("output_dir = \"/out\"\n[[keys]]\nname = \"k\"\nformat = \"opendkim\"\n")
-            .unwrap_err();
-        assert!(e.starts_with("/etc/sidecar.toml:2: keys.domain:"), "{e}");
-        let e = load(&format!("{MIN}bogus = 1\n")).unwrap_err();
-        assert!(e.contains("/etc/sidecar.toml:5:"), "{e}");
-        assert!(e.contains("bogus"), "{e}");
-        let e = load(&format!("file_mode = \"0999\"\n{MIN}")).unwrap_err();
-        assert!(e.starts_with("/etc/sidecar.toml:1: file_mode:"), "{e}");
-    }
-
-    #[test]
-    fn options_of_another_format_are_refused() {
-        let e = load(
-            "output_dir = \"/o\"\n[[keys]]\nname = \"k\"\nformat = \"pem\"\ndomain = \"x.org\"\n",
-        )
-        .unwrap_err();
-        assert!(
-            e.contains("keys.domain: applies to format = \"opendkim\" only"),
-            "{e}"
-        );
-    }
-
-    #[test]
-    fn reload_needs_exactly_one_method() {
-        let e = load(&format!(
-            "{MIN}[reload]\nsignal = \"SIGHUP\"\ncommand = [\"true\"]\n"
-        ))
-        .unwrap_err();
-        assert!(e.contains("exactly one"), "{e}");
-        let e = load(&format!(
-            "{MIN}[reload]\nsignal = \"SIGKILL\"\npidfile = \"/p\"\n"
-        ))
-        .unwrap_err();
-        assert!(e.contains("reload.signal"), "{e}");
-        let c = load(&format!(
-            "{MIN}[reload]\ncommand = [\"postfix\", \"reload\"]\n"
-        ))
-        .unwrap();
-        assert!(matches!(
-            c.reload.unwrap().method,
-            ReloadMethod::Command { .. }
-        ));
-    }
-
-    #[test]
-    fn a_public_listener_needs_a_token() {
-        let e = load(&format!("{MIN}[listen]\naddress = \"0.0.0.0:8901\"\n")).unwrap_err();
-        assert!(
-            e.contains("listen.address") && e.contains("token_file"),
-            "{e}"
-        );
-    }
-
-    #[test]
-    fn selectors_must_vary_by_version() {
-        let e = load("output_dir = \"/o\"\n[[keys]]\nname = \"k\"\nformat = \"opendkim\"\ndomain = \"x.org\"\nselector = \"fixed\"\n")
-            .unwrap_err();
-        assert!(e.contains("keys.selector"), "{e}");
-    }
-
-    #[test]
-    fn modes_owners_and_percentages_parse() {
-        assert_eq!(parse_mode("0600").unwrap(), 0o600);
-        assert_eq!(parse_mode("0o640").unwrap(), 0o640);
-        assert!(parse_mode("4755").is_err());
-        assert!(parse_mode("rw").is_err());
-        assert_eq!(parse_owner("root").unwrap(), (Some(0), None));
-        assert_eq!(parse_owner(":0").unwrap(), (None, Some(0)));
-        assert!(parse_owner("no-such-user-xyz").is_err());
-        assert!((parse_percent("25%").unwrap() - 0.25).abs() < 1e-9);
-        assert!(parse_percent("80%").is_err());
-    }
-}
+mod tests;

@@ -8,9 +8,17 @@
 mod app;
 mod backoff;
 mod config;
+#[cfg(test)]
+mod config_fuzz;
+mod deliver;
+mod desired;
+mod fetch;
 mod http;
+mod pidcheck;
 mod reload;
+mod renew;
 mod selfheal;
+mod state;
 mod status;
 mod watch;
 

@@ -8,8 +8,11 @@
 //! ([`crate::watch::HEAL_DEBOUNCE`], [`CONFIG_DEBOUNCE`]), so nothing ticks while idle (the
 //! `notify-debouncer-*` crates poll on a timer thread even when nothing happens).
 //!
-//! Our own publishes cause events too; the check they trigger finds the directory current and
-//! writes nothing, so they do not loop.
+//! Only events that can change what a reader sees wake the heal check ([`affects_readers`]):
+//! visible names, `..data`, and files inside the live snapshot. The publisher's own work in
+//! hidden names (a snapshot being written, or removed after a failed write, grace copies
+//! expiring) is ignored, so a publish that fails inside its snapshot does not trigger another
+//! attempt; a swap does trigger one check, which finds the directory current and writes nothing.
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -51,7 +54,9 @@ pub fn start(
         }
         for p in &ev.paths {
             if p.starts_with(&out) {
-                heal.notify_one();
+                if affects_readers(&out, p) {
+                    heal.notify_one();
+                }
             } else if p.parent() == Some(cfg_dir_c.as_path()) {
                 let name = p.file_name();
                 if name == cfg_name.as_deref() || name == Some(std::ffi::OsStr::new("..data")) {
@@ -65,6 +70,28 @@ pub fn start(
         w.watch(&cfg_dir, RecursiveMode::NonRecursive)?;
     }
     Ok(FsWatch { _watcher: w })
+}
+
+/// Could a change at `path` (inside `out`) change what a reader of `out` sees? Visible names
+/// and `..data` can; so can anything inside the snapshot `..data` names. The publisher's hidden
+/// work (snapshots being written or removed, temporary links, markers) cannot.
+pub fn affects_readers(out: &Path, path: &Path) -> bool {
+    let Ok(rel) = path.strip_prefix(out) else {
+        return false;
+    };
+    let Some(first) = rel.components().next() else {
+        return true; // the directory itself (deleted, renamed, permissions)
+    };
+    let first = first.as_os_str();
+    let Some(name) = first.to_str() else {
+        return true;
+    };
+    if !name.starts_with('.') || name == keyroll::publish::DATA_LINK {
+        return true;
+    }
+    keyroll::publish::is_snapshot_name(name)
+        && std::fs::read_link(out.join(keyroll::publish::DATA_LINK))
+            .is_ok_and(|t| t.as_os_str() == first)
 }
 
 /// Re-reads the config file after each change; a valid new config goes to `tx` (with a new Vault
@@ -153,4 +180,39 @@ pub async fn connect(cfg: &Config) -> Result<Vault, keyroll::vault::VaultError> 
         &ClientOverrides::default(),
     )?;
     Vault::connect(cc).await
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn only_what_readers_see_wakes_the_heal_check() {
+        let tmp = tempfile::tempdir().unwrap();
+        let out = tmp.path();
+        std::fs::create_dir(out.join("..2026_01_01_00_00_00.aa")).unwrap();
+        std::os::unix::fs::symlink("..2026_01_01_00_00_00.aa", out.join("..data")).unwrap();
+        for p in [
+            "KeyTable",
+            "keys/kr1.x.private",
+            "..data",
+            "..2026_01_01_00_00_00.aa/KeyTable",
+            "",
+        ] {
+            assert!(affects_readers(out, &out.join(p)), "{p}");
+        }
+        for p in [
+            "..writing.0123/KeyTable",
+            "..writing.0123",
+            "..2025_01_01_00_00_00.bb",
+            "..2025_01_01_00_00_00.bb/keys/x",
+            "..data_tmp",
+            "..link_tmp.KeyTable",
+            "..reloaded",
+            "..reloaded.tmp",
+        ] {
+            assert!(!affects_readers(out, &out.join(p)), "{p}");
+        }
+        assert!(!affects_readers(out, Path::new("/elsewhere/KeyTable")));
+    }
 }

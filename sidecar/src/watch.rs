@@ -1,39 +1,41 @@
 //! The reconcile loop: turn "Vault has these usable versions" into "the output directory holds
-//! exactly these files", then ask for one reload.
+//! exactly these files, and the mailer has loaded them". It only orchestrates:
 //!
-//! A *full pass* reads each key's metadata (one cheap read per key) and exports material only
-//! when the key's fingerprint (type, latest version, usable versions, creation times, public
-//! keys) differs from what is cached. A *republish* renders the cached material again without
-//! touching Vault: for staged activation coming due and for self-healing after someone changed
-//! the directory. Both end the same way: render every key, publish once, reload if the content
-//! changed. A pass never sees why it runs and re-reads what it needs, so running one twice is
-//! harmless.
+//! - `fetch` reads each key's metadata, and exports only when its fingerprint changed;
+//! - `desired` works out the complete file set from the last good material of every key (pure);
+//! - `deliver` makes the directory match it (on the blocking pool, with backoff on failure);
+//! - `reload` is told which content is live, and reloads the mailer until it has it.
 //!
-//! Failure policy (kept separate in [`classify`]): Vault down, sealed or answering 5xx stops the
-//! pass's Vault reads and backs off with jitter; a key-level error (403, deleted key, material
-//! that does not render) degrades that key only: its last delivered material stays in the cache
-//! and in the files. Nothing is ever removed because of an error.
+//! A *full pass* reads Vault, then delivers; a *republish* delivers the known material again
+//! without touching Vault (staged activation coming due, a retry after a failed publish, repair
+//! after someone changed the directory). A pass never sees why it runs and re-reads what it
+//! needs, so running one twice is harmless.
 //!
-//! HMAC keys: Vault reports no creation time for their versions; the sidecar passes the Unix
-//! epoch as "unknown", and the keyring renderer omits `created` for such versions.
+//! Failure policy: Vault down, sealed or answering 5xx stops the pass's Vault reads and backs
+//! off with jitter; a key-level error (403, deleted key, material that does not render)
+//! degrades that key only: its last good material stays known, so its files stay. After a
+//! restart the last good material of every delivered key comes from the live snapshot's record
+//! (`state`), so a key that fails right after a restart keeps its files too. Nothing is ever
+//! removed because of an error.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::sync::Arc;
 use std::time::Duration;
 
 use jiff::Timestamp;
-use keyroll::render::{self, FileSet, KeyMaterial, OutputSpec, VersionMaterial};
-use keyroll::state::KeyView;
-use keyroll::vault::transit::TransitKey;
+use keyroll::render::KeyMaterial;
 use keyroll::vault::{Vault, VaultError};
-use keyroll::{KeyName, KeyType};
-use sha2::{Digest, Sha256};
 use tokio::sync::{watch, Notify};
 use tokio::time::Instant;
 
 use crate::backoff::{jittered, Backoff};
-use crate::config::{Config, KeySpec};
-use crate::reload;
+use crate::config::Config;
+use crate::deliver::{self, Delivered, Deliverer, Recovery};
+use crate::desired::{self, Digest, Disk, KeyId, Plan};
+use crate::fetch::{self, Fetched, Fingerprint, Read, Severity};
+use crate::reload::Reloads;
+use crate::renew::Renewal;
+use crate::selfheal;
 use crate::status::{KeyStatus, PassSummary, Shared};
 
 /// First delay after Vault was found unavailable.
@@ -44,43 +46,8 @@ pub const VAULT_BACKOFF_MAX: Duration = Duration::from_secs(60);
 /// Quiet time after a change in the output directory before checking it, so a burst of events
 /// (ours or someone else's) costs one check.
 pub const HEAL_DEBOUNCE: Duration = Duration::from_millis(100);
-
-type KeyId = (String, KeyName);
-
-/// Everything a key's export depends on; equal fingerprints mean equal material.
-#[derive(Debug, Clone, PartialEq, Eq)]
-struct Fingerprint {
-    key_type: String,
-    latest: u32,
-    usable: Vec<(u32, Option<Timestamp>)>,
-    public: Vec<(u32, String)>,
-}
-
-struct Cached {
-    fingerprint: Fingerprint,
-    material: KeyMaterial,
-}
-
-/// How a failure affects the pass.
-#[derive(Debug, PartialEq, Eq)]
-pub enum Severity {
-    /// Vault as a whole is unusable: stop this pass's reads and back off.
-    VaultDown,
-    /// Only this key is affected.
-    Key,
-}
-
-/// The error policy, apart from the loop: what counts as Vault being unavailable.
-pub fn classify(e: &VaultError) -> Severity {
-    if e.is_unavailable()
-        || matches!(e, VaultError::Api { status, .. } if *status >= 500)
-        || matches!(e, VaultError::Login(_))
-    {
-        Severity::VaultDown
-    } else {
-        Severity::Key
-    }
-}
+/// Longest single timer the loop sets (staged activation may be weeks away; it re-arms).
+const MAX_TIMER: Duration = Duration::from_secs(24 * 3600);
 
 /// What one pass found.
 #[derive(Debug, Default, Clone)]
@@ -89,85 +56,128 @@ pub struct PassResult {
     /// Every configured key is current (read, exported if needed, rendered) and published.
     pub complete: bool,
     pub published: bool,
-    /// Some key could not be delivered at all.
+    /// Some configured key has never been delivered.
     pub failed_keys: Vec<String>,
+    /// The Vault settings cannot work at all (bad CA file...): exit 64.
+    pub fatal: Option<String>,
 }
 
 pub struct Watcher {
     cfg: Arc<Config>,
-    vault: Vault,
+    vault: Option<Vault>,
+    renewal: Option<Renewal>,
+    stop: watch::Receiver<bool>,
     shared: Arc<Shared>,
-    cache: BTreeMap<KeyId, Cached>,
+    /// Last good material of each key (fresh, or recovered from the live snapshot).
+    material: BTreeMap<KeyId, KeyMaterial>,
+    /// Fingerprints of material read from Vault by this process (none for recovered material,
+    /// so the first read exports it again).
+    fingerprints: BTreeMap<KeyId, Fingerprint>,
     key_errors: BTreeMap<KeyId, String>,
-    reload_tx: watch::Sender<reload::Request>,
-    /// Digest of the set last published (or found already on disk).
-    last_digest: Option<[u8; 32]>,
-    next_change: Option<Timestamp>,
+    disk: Disk,
+    deliverer: Deliverer,
+    reloads: Reloads,
+    /// Content live in the directory, as far as this process knows.
+    live: Option<Digest>,
+    /// Bumped whenever the inputs of the desired set change (new material, new config).
     generation: u64,
-}
-
-fn id_of(k: &KeySpec) -> KeyId {
-    (k.mount.clone(), k.name.clone())
-}
-
-fn digest(set: &FileSet) -> [u8; 32] {
-    let mut h = Sha256::new();
-    for f in &set.files {
-        h.update((f.path.len() as u64).to_le_bytes());
-        h.update(f.path.as_bytes());
-        h.update([u8::from(f.secret)]);
-        h.update((f.contents.len() as u64).to_le_bytes());
-        h.update(&f.contents[..]);
-    }
-    h.finalize().into()
+    next_change: Option<Timestamp>,
+    announced: bool,
 }
 
 impl Watcher {
     pub fn new(
         cfg: Arc<Config>,
-        vault: Vault,
+        vault: Option<Vault>,
         shared: Arc<Shared>,
-        reload_tx: watch::Sender<reload::Request>,
+        reloads: Reloads,
+        stop: watch::Receiver<bool>,
     ) -> Self {
-        let w = Watcher {
+        let mut w = Watcher {
+            deliverer: Deliverer::new(cfg.output_dir.clone()),
             cfg,
-            vault,
+            vault: None,
+            renewal: None,
+            stop,
             shared,
-            cache: BTreeMap::new(),
+            material: BTreeMap::new(),
+            fingerprints: BTreeMap::new(),
             key_errors: BTreeMap::new(),
-            reload_tx,
-            last_digest: None,
-            next_change: None,
+            disk: Disk::Known,
+            reloads,
+            live: None,
             generation: 0,
+            next_change: None,
+            announced: false,
         };
+        if let Some(v) = vault {
+            w.adopt(v);
+        }
         w.update_key_status();
         w
     }
 
+    /// Makes `v` the current client and keeps its token alive (the previous client's renewal
+    /// stops).
+    fn adopt(&mut self, v: Vault) {
+        self.renewal = Some(Renewal::start(&v, self.stop.clone()));
+        self.vault = Some(v);
+    }
+
+    /// Learns what the live snapshot holds (and tidies after a crash): every key it delivered
+    /// becomes known material, and its content is owed to the mailer if not confirmed.
+    pub async fn recover(&mut self) {
+        let dir = self.cfg.output_dir.clone();
+        match deliver::recover(dir, self.cfg.snapshot_grace).await {
+            Ok(Recovery::Empty) => {}
+            Ok(Recovery::Known(r)) => {
+                let wanted: BTreeSet<KeyId> = self.cfg.keys.iter().map(desired::id_of).collect();
+                let keys: Vec<String> = r.keys.keys().map(|(_, n)| n.to_string()).collect();
+                self.material = r
+                    .keys
+                    .into_iter()
+                    .filter(|(id, _)| wanted.contains(id))
+                    .collect();
+                self.deliverer.assume_live(r.digest);
+                self.live = Some(r.digest);
+                self.reloads.live(r.digest, self.cfg.reload.as_ref());
+                tracing::info!(?keys, "recovered the live snapshot's keys");
+            }
+            Ok(Recovery::Unknown { snapshot, why }) => {
+                self.disk = Disk::Unknown;
+                tracing::warn!(%snapshot, reason = %why, "the live snapshot has no usable record of its keys; nothing will be published until every key has been read");
+            }
+            Err(e) => {
+                self.disk = Disk::Unknown;
+                tracing::warn!(error = %e, "cannot read the output directory's current state");
+            }
+        }
+        self.update_key_status();
+    }
+
     /// Runs passes until `stop` fires: at start, every poll interval (jittered), on `/refresh`,
-    /// on config changes, when staged activation comes due, and after directory changes.
+    /// on config changes, when staged activation comes due, after a failed publish's backoff,
+    /// and after directory changes. Returns an exit code if it cannot go on.
     pub async fn run(
         mut self,
         mut cfg_rx: watch::Receiver<(Arc<Config>, Option<Vault>)>,
         heal: Arc<Notify>,
         mut stop: watch::Receiver<bool>,
-    ) {
-        let mut backoff = self.vault_backoff();
+    ) -> Option<u8> {
+        self.recover().await;
+        let mut vault_backoff = self.vault_backoff();
         let mut next_poll = Instant::now();
         let mut heal_at: Option<Instant> = None;
         let shared = self.shared.clone();
         loop {
-            let change_at = self.next_change.map(|t| {
-                let wait = t.duration_since(Timestamp::now());
-                let wait = Duration::try_from(wait).unwrap_or(Duration::ZERO);
-                // Round up a little: rendering exactly at the boundary must see it passed.
-                Instant::now() + wait + Duration::from_millis(5)
-            });
+            let change_at = self.next_change.map(instant_at);
+            let retry_at = self.deliverer.retry_at();
             enum Why {
                 Full,
                 Republish,
                 Stop,
             }
+            let far = Instant::now() + MAX_TIMER;
             let why = tokio::select! {
                 biased;
                 _ = stop.changed() => Why::Stop,
@@ -177,14 +187,21 @@ impl Watcher {
                     } else {
                         let (cfg, vault) = cfg_rx.borrow_and_update().clone();
                         self.apply_config(cfg, vault);
-                        backoff = self.vault_backoff();
+                        vault_backoff = self.vault_backoff();
                         Why::Full
                     }
                 }
                 _ = shared.refresh.notified() => Why::Full,
                 _ = tokio::time::sleep_until(next_poll) => Why::Full,
-                _ = tokio::time::sleep_until(change_at.unwrap_or(next_poll)), if change_at.is_some() => Why::Republish,
-                _ = tokio::time::sleep_until(heal_at.unwrap_or(next_poll)), if heal_at.is_some() => {
+                _ = tokio::time::sleep_until(retry_at.unwrap_or(far)), if retry_at.is_some() => {
+                    self.deliverer.timer_fired();
+                    Why::Republish
+                }
+                _ = tokio::time::sleep_until(change_at.unwrap_or(far)), if change_at.is_some() => {
+                    self.next_change = None;
+                    Why::Republish
+                }
+                _ = tokio::time::sleep_until(heal_at.unwrap_or(far)), if heal_at.is_some() => {
                     heal_at = None;
                     Why::Republish
                 }
@@ -194,12 +211,13 @@ impl Watcher {
                 }
             };
             match why {
-                Why::Stop => break,
+                Why::Stop => return None,
                 Why::Republish => {
-                    self.publish_cached(false);
+                    self.republish().await;
                 }
                 Why::Full => {
                     let ticket = shared.pass_started();
+                    let started = Instant::now();
                     let r = self.full_pass().await;
                     shared.pass_finished(
                         ticket,
@@ -208,13 +226,19 @@ impl Watcher {
                             complete: r.complete,
                         },
                     );
-                    let wait = if r.vault_error.is_some() {
-                        backoff.next()
+                    if let Some(e) = r.fatal {
+                        tracing::error!(error = %e, "cannot build the Vault client");
+                        return Some(crate::app::EXIT_CONFIG);
+                    }
+                    // Polls keep their cadence from the start of a pass: the time a pass takes
+                    // does not add to the interval.
+                    next_poll = if r.vault_error.is_some() {
+                        Instant::now() + vault_backoff.next()
                     } else {
-                        backoff.reset();
-                        jittered(self.cfg.poll_interval, self.cfg.poll_jitter)
+                        vault_backoff.reset();
+                        (started + jittered(self.cfg.poll_interval, self.cfg.poll_jitter))
+                            .max(Instant::now())
                     };
-                    next_poll = Instant::now() + wait;
                 }
             }
         }
@@ -230,78 +254,176 @@ impl Watcher {
     /// Takes a new, already validated config (and a new client if `[vault]` changed).
     fn apply_config(&mut self, cfg: Arc<Config>, vault: Option<Vault>) {
         if let Some(v) = vault {
-            self.vault = v;
+            self.adopt(v);
         }
-        let wanted: BTreeSet<KeyId> = cfg.keys.iter().map(id_of).collect();
-        self.cache.retain(|id, _| wanted.contains(id));
+        for id in desired::unconfigured(&cfg.keys, self.material.keys().cloned()) {
+            self.material.remove(&id);
+            self.fingerprints.remove(&id);
+        }
+        let wanted: BTreeSet<KeyId> = cfg.keys.iter().map(desired::id_of).collect();
         self.key_errors.retain(|id, _| wanted.contains(id));
         self.cfg = cfg;
+        self.generation += 1;
+        // A reload still owed goes out with the new reload settings.
+        if let Some(d) = self.live {
+            self.reloads.live(d, self.cfg.reload.as_ref());
+        }
         self.update_key_status();
     }
 
     /// One full pass for `--once`: every key must be delivered, or nothing is written.
     pub async fn once(&mut self) -> PassResult {
-        let mut r = self.read_vault().await;
-        if r.vault_error.is_none() && r.failed_keys.is_empty() {
-            let (published, ok) = self.publish_cached(true);
-            r.published = published;
-            r.complete = ok;
+        let mut r = PassResult::default();
+        self.read_vault(&mut r).await;
+        if r.vault_error.is_none() && r.failed_keys.is_empty() && self.key_errors.is_empty() {
+            let delivered = self.republish().await;
+            r.published = matches!(delivered, Some(Delivered::Published { .. }));
+            r.complete = matches!(
+                delivered,
+                Some(Delivered::Published { .. } | Delivered::Unchanged)
+            );
         }
         r
     }
 
-    /// Reads Vault, then publishes whatever is current.
+    /// Reads Vault (connecting first if needed), then delivers whatever is current.
     pub async fn full_pass(&mut self) -> PassResult {
-        let mut r = self.read_vault().await;
-        let (published, publish_ok) = self.publish_cached(false);
-        r.published = published;
-        r.complete = publish_ok && r.vault_error.is_none() && self.key_errors.is_empty();
+        let mut r = PassResult::default();
+        if self.vault.is_none() {
+            match selfheal::connect(&self.cfg).await {
+                Ok(v) => {
+                    tracing::info!("logged in to Vault");
+                    self.adopt(v);
+                }
+                Err(e @ VaultError::Config(_)) => {
+                    r.fatal = Some(e.to_string());
+                    return r;
+                }
+                Err(e) => {
+                    tracing::warn!(error = %e, "cannot log in to Vault; keeping the last good files and retrying");
+                    self.shared.with(|s| s.error("vault"));
+                    r.vault_error = Some(e.to_string());
+                }
+            }
+        }
+        if self.vault.is_some() {
+            self.read_vault(&mut r).await;
+        }
+        let delivered = self.republish().await;
+        r.published = matches!(delivered, Some(Delivered::Published { .. }));
+        let live_ok = matches!(
+            delivered,
+            Some(Delivered::Published { .. } | Delivered::Unchanged)
+        );
+        r.complete = live_ok
+            && r.vault_error.is_none()
+            && self.key_errors.is_empty()
+            && r.failed_keys.is_empty();
+        // Ready: every configured key's files are live (some may be the last good ones
+        // recovered after a restart while Vault cannot be asked).
+        let every_key_live = live_ok
+            && self
+                .cfg
+                .keys
+                .iter()
+                .all(|k| self.material.contains_key(&desired::id_of(k)));
         self.shared.with(|s| {
             s.counters.passes += 1;
             s.vault_error = r.vault_error.clone();
             if r.complete {
                 s.last_success = Some(Timestamp::now());
+            }
+            if every_key_live {
                 s.ready = true;
             }
         });
         r
     }
 
-    /// Reads every key's metadata and exports those whose fingerprint changed.
-    async fn read_vault(&mut self) -> PassResult {
-        let mut result = PassResult::default();
+    /// Reads every key's metadata and exports those whose fingerprint changed; new material
+    /// replaces the last good one only if it renders.
+    async fn read_vault(&mut self, result: &mut PassResult) {
+        let Some(vault) = self.vault.clone() else {
+            return;
+        };
         let ids: Vec<KeyId> = {
             let mut seen = BTreeSet::new();
             self.cfg
                 .keys
                 .iter()
-                .map(id_of)
+                .map(desired::id_of)
                 .filter(|id| seen.insert(id.clone()))
                 .collect()
         };
-        for id in ids {
-            if let Some(e) = &result.vault_error {
-                // Keep the previous per-key verdict; the key was simply not checked.
-                self.key_errors
-                    .entry(id.clone())
-                    .or_insert_with(|| format!("not checked: {e}"));
-                continue;
-            }
+        let keys = ids
+            .into_iter()
+            .map(|id| {
+                let fp = self.fingerprints.get(&id).cloned();
+                (id, fp)
+            })
+            .collect();
+        let now = Timestamp::now();
+        for (id, read) in fetch::fetch_all(&vault, keys, &self.shared).await {
             let span = tracing::info_span!("key", key = %id.1, mount = %id.0);
             let _g = span.enter();
-            match self.refresh_key(&id).await {
+            let fetched = match read {
+                Read::Done(r) => r,
+                Read::NotChecked => {
+                    // Keep the previous per-key verdict; the key was simply not checked.
+                    let e = result.vault_error.clone().unwrap_or_default();
+                    self.key_errors
+                        .entry(id.clone())
+                        .or_insert_with(|| format!("not checked: {e}"));
+                    if !self.material.contains_key(&id) {
+                        result.failed_keys.push(id.1.to_string());
+                    }
+                    continue;
+                }
+            };
+            let checked = fetched.and_then(|f| match f {
+                Fetched::Same => Ok(()),
+                Fetched::New {
+                    fingerprint,
+                    material,
+                } => {
+                    desired::renders_alone(
+                        &self.cfg.keys,
+                        &self.cfg.output_dir,
+                        &id,
+                        &material,
+                        now,
+                    )
+                    .map_err(|e| {
+                        self.shared.with(|s| s.error("render"));
+                        (Severity::Key, e.to_string())
+                    })?;
+                    let versions: Vec<u32> = material.versions.iter().map(|v| v.version).collect();
+                    tracing::info!(
+                        ?versions,
+                        latest = material.latest_version,
+                        "new key material"
+                    );
+                    self.material.insert(id.clone(), material);
+                    self.fingerprints.insert(id.clone(), fingerprint);
+                    self.generation += 1;
+                    Ok(())
+                }
+            });
+            match checked {
                 Ok(()) => {
                     self.key_errors.remove(&id);
                 }
                 Err((Severity::VaultDown, msg)) => {
-                    tracing::warn!(error = %msg, "Vault unavailable; keeping the last good files");
-                    self.shared.with(|s| s.error("vault"));
+                    // Several reads in flight may all find Vault down: say it once per pass.
+                    if result.vault_error.is_none() {
+                        tracing::warn!(error = %msg, "Vault unavailable; keeping the last good files");
+                        self.shared.with(|s| s.error("vault"));
+                    }
                     self.key_errors.insert(id.clone(), msg.clone());
-                    result.vault_error = Some(msg);
+                    result.vault_error.get_or_insert(msg);
                 }
                 Err((Severity::Key, msg)) => {
-                    let first = self.key_errors.get(&id) != Some(&msg);
-                    if first {
+                    if self.key_errors.get(&id) != Some(&msg) {
                         tracing::error!(error = %msg, "key degraded; keeping its last delivered files");
                     } else {
                         tracing::debug!(error = %msg, "key still degraded");
@@ -310,7 +432,7 @@ impl Watcher {
                     self.key_errors.insert(id.clone(), msg);
                 }
             }
-            if !self.cache.contains_key(&id) {
+            if !self.material.contains_key(&id) {
                 result.failed_keys.push(id.1.to_string());
             }
         }
@@ -318,173 +440,103 @@ impl Watcher {
             tracing::info!("Vault is available again");
         }
         self.update_key_status();
-        result
     }
 
-    /// Brings one key's cache entry up to date. Errors carry no key material.
-    async fn refresh_key(&mut self, id: &KeyId) -> Result<(), (Severity, String)> {
-        let (mount, name) = id;
-        self.shared.with(|s| s.counters.metadata_reads += 1);
-        let tk = match self.vault.read_key(mount, name).await {
-            Ok(Some(k)) => k,
-            Ok(None) => {
-                return Err((
-                    Severity::Key,
-                    format!("{mount}/keys/{name} does not exist (deleted, or wrong mount?)"),
-                ))
-            }
-            Err(e) => return Err((classify(&e), e.to_string())),
-        };
-        let key_type = KeyType::parse(&tk.key_type).ok_or_else(|| {
-            (
-                Severity::Key,
-                format!("Vault reports unknown key type {:?}", tk.key_type),
-            )
-        })?;
-        let fp = fingerprint(&tk);
-        if self.cache.get(id).is_some_and(|c| c.fingerprint == fp) {
-            return Ok(());
+    /// Works out the desired set from the known material and delivers it, unless a failed
+    /// attempt with the same inputs is still backing off. Reports the outcome; returns None
+    /// when nothing was attempted.
+    async fn republish(&mut self) -> Option<Delivered> {
+        if self
+            .deliverer
+            .deferred_until(self.generation, Instant::now())
+            .is_some()
+        {
+            return None;
         }
-        if !tk.exportable {
-            return Err((
-                Severity::Key,
-                format!(
-                    "{mount}/keys/{name} is not exportable; the sidecar can only deliver keys \
-                     created with exportable=true"
-                ),
-            ));
-        }
-        self.shared.with(|s| s.counters.exports += 1);
-        let exported = self
-            .vault
-            .export_key(mount, name, key_type.export_kind())
-            .await
-            .map_err(|e| (classify(&e), e.to_string()))?;
-        let min = tk.min_usable();
-        let versions: Vec<VersionMaterial> = exported
-            .into_iter()
-            .filter(|(v, _)| *v >= min && *v <= tk.latest_version)
-            .map(|(v, private)| VersionMaterial {
-                version: v,
-                created: tk
-                    .versions
-                    .get(&v)
-                    .copied()
-                    .unwrap_or(Timestamp::UNIX_EPOCH),
-                private,
-                public: tk.public_keys.get(&v).cloned(),
-            })
-            .collect();
-        let material = KeyMaterial {
-            name: name.clone(),
-            key_type,
-            latest_version: tk.latest_version,
-            versions,
-        };
-        // Check the new material renders in every format this key is delivered in before it
-        // replaces the last good one.
         let now = Timestamp::now();
-        for spec in self.cfg.keys.iter().filter(|k| &id_of(k) == id) {
-            render::render(
-                &self.cfg.output_dir,
-                &[(spec.output.clone(), material.clone())],
-                now,
-            )
-            .map_err(|e| {
-                self.shared.with(|s| s.error("render"));
-                (Severity::Key, e.to_string())
-            })?;
-        }
-        let versions: Vec<u32> = material.versions.iter().map(|v| v.version).collect();
-        tracing::info!(?versions, latest = tk.latest_version, "new key material");
-        self.cache.insert(
-            id.clone(),
-            Cached {
-                fingerprint: fp,
-                material,
-            },
+        let plan = desired::plan(
+            &self.cfg.keys,
+            &self.cfg.output_dir,
+            &self.material,
+            self.disk,
+            now,
         );
-        Ok(())
-    }
-
-    /// Renders every cached key and publishes the set. Returns (published, ok). With
-    /// `require_all`, publishes nothing unless every configured key is cached.
-    fn publish_cached(&mut self, require_all: bool) -> (bool, bool) {
-        let mut inputs: Vec<(OutputSpec, KeyMaterial)> = Vec::new();
-        let mut missing = false;
-        for k in &self.cfg.keys {
-            match self.cache.get(&id_of(k)) {
-                Some(c) => inputs.push((k.output.clone(), c.material.clone())),
-                None => missing = true,
-            }
-        }
-        if inputs.is_empty() || (require_all && missing) {
-            return (false, false);
-        }
-        let set = match render::render(&self.cfg.output_dir, &inputs, Timestamp::now()) {
-            Ok(s) => s,
+        let d = match plan {
             Err(e) => {
-                tracing::error!(error = %e, "rendering the output set failed; nothing written");
+                self.next_change = None;
+                let retry = self.deliverer.failed(self.generation);
+                tracing::error!(error = %e, retry_in_ms = ms_until(retry), "rendering the output set failed; nothing written");
                 self.shared.with(|s| {
                     s.error("render");
                     s.publish_error = Some(e.to_string());
                 });
-                return (false, false);
+                return None;
             }
-        };
-        drop(inputs);
-        self.next_change = set.next_change;
-        let d = digest(&set);
-        let opts = self.cfg.publish_options();
-        let outcome = keyroll::publish::publish(&self.cfg.output_dir, &set, &opts);
-        match outcome {
-            Ok(keyroll::publish::PublishOutcome::Unchanged) => {
-                self.shared.with(|s| s.publish_error = None);
-                if self.last_digest.is_none() {
-                    tracing::info!(dir = %self.cfg.output_dir.display(), files = set.files.len(), "output directory already current");
+            Ok(Plan::Hold(why)) => {
+                self.next_change = None;
+                if self.disk == Disk::Unknown {
+                    self.shared.with(|s| s.publish_error = Some(why));
                 }
-                self.last_digest = Some(d);
-                (false, !missing)
+                return None;
             }
-            Ok(keyroll::publish::PublishOutcome::Published { snapshot }) => {
-                let repair = self.last_digest == Some(d);
+            Ok(Plan::Publish(d)) => d,
+        };
+        self.next_change = d.next_change;
+        if !d.undelivered.is_empty() {
+            tracing::debug!(keys = ?d.undelivered, "publishing without keys not delivered yet");
+        }
+        let dir = self.cfg.output_dir.display().to_string();
+        let files = d.set.files.len();
+        let delivered = self
+            .deliverer
+            .deliver(&d, self.cfg.publish_options(), self.generation)
+            .await;
+        match &delivered {
+            Delivered::Published { snapshot, repair } => {
                 self.shared.with(|s| {
                     s.publish_error = None;
                     s.counters.publishes += 1;
                     s.last_publish = Some(Timestamp::now());
-                    if repair {
+                    if *repair {
                         s.counters.repairs += 1;
                     }
                 });
-                if repair {
-                    tracing::warn!(dir = %self.cfg.output_dir.display(), %snapshot, "files were changed or deleted by someone else; restored");
+                if *repair {
+                    tracing::warn!(%dir, %snapshot, "files were changed or deleted by someone else; restored");
                 } else {
-                    tracing::info!(dir = %self.cfg.output_dir.display(), %snapshot, files = set.files.len(), "published");
-                    self.request_reload();
+                    tracing::info!(%dir, %snapshot, files, "published");
                 }
-                self.last_digest = Some(d);
-                (true, !missing)
             }
-            Err(e) => {
-                tracing::error!(error = %e, "publishing failed; the previous files are still live");
+            Delivered::Unchanged => {
+                self.shared.with(|s| s.publish_error = None);
+                if !self.announced {
+                    tracing::info!(%dir, files, "output directory already current");
+                }
+            }
+            Delivered::Incomplete { error } => {
+                let retry = self.deliverer.retry_at().map(ms_until).unwrap_or(0);
+                tracing::error!(%error, retry_in_ms = retry, "the new files are live, but publishing did not finish; retrying");
                 self.shared.with(|s| {
                     s.error("publish");
-                    s.publish_error = Some(e.to_string());
+                    s.publish_error = Some(error.clone());
                 });
-                (false, false)
+            }
+            Delivered::Failed { error } => {
+                let retry = self.deliverer.retry_at().map(ms_until).unwrap_or(0);
+                tracing::error!(%error, retry_in_ms = retry, "publishing failed; the previous files are still live");
+                self.shared.with(|s| {
+                    s.error("publish");
+                    s.publish_error = Some(error.clone());
+                });
             }
         }
-    }
-
-    fn request_reload(&mut self) {
-        let Some(settings) = self.cfg.reload.clone() else {
-            return;
-        };
-        self.generation += 1;
-        self.reload_tx.send_replace(reload::Request {
-            generation: self.generation,
-            settings: Some(Arc::new(settings)),
-        });
+        if delivered.is_live() {
+            self.announced = true;
+            self.disk = Disk::Known;
+            self.live = Some(d.digest);
+            self.reloads.live(d.digest, self.cfg.reload.as_ref());
+        }
+        Some(delivered)
     }
 
     fn update_key_status(&self) {
@@ -493,18 +545,25 @@ impl Watcher {
             .keys
             .iter()
             .map(|k| {
-                let id = id_of(k);
-                let cached = self.cache.get(&id);
-                let mut versions: Vec<u32> = cached
-                    .map(|c| c.material.versions.iter().map(|v| v.version).collect())
+                let id = desired::id_of(k);
+                let known = self.material.get(&id);
+                let mut versions: Vec<u32> = known
+                    .map(|m| m.versions.iter().map(|v| v.version).collect())
                     .unwrap_or_default();
                 versions.sort_unstable();
                 let error = self
                     .key_errors
                     .get(&id)
                     .cloned()
-                    .or_else(|| cached.is_none().then(|| "not delivered yet".to_string()));
-                let label = if self.cfg.keys.iter().filter(|o| id_of(o) == id).count() > 1 {
+                    .or_else(|| known.is_none().then(|| "not delivered yet".to_string()));
+                let label = if self
+                    .cfg
+                    .keys
+                    .iter()
+                    .filter(|o| desired::id_of(o) == id)
+                    .count()
+                    > 1
+                {
                     format!("{}:{}", k.name, k.format())
                 } else {
                     k.name.to_string()
@@ -516,7 +575,7 @@ impl Watcher {
                         format: k.format(),
                         healthy: error.is_none(),
                         error,
-                        latest_version: cached.map(|c| c.material.latest_version).unwrap_or(0),
+                        latest_version: known.map(|m| m.latest_version).unwrap_or(0),
                         versions,
                     },
                 )
@@ -526,74 +585,16 @@ impl Watcher {
     }
 }
 
-fn fingerprint(tk: &TransitKey) -> Fingerprint {
-    let min = tk.min_usable();
-    let usable = (min..=tk.latest_version)
-        .map(|v| (v, tk.versions.get(&v).copied()))
-        .collect();
-    Fingerprint {
-        key_type: tk.key_type.clone(),
-        latest: tk.latest_version,
-        usable,
-        public: tk
-            .public_keys
-            .iter()
-            .filter(|(v, _)| **v >= min)
-            .map(|(v, p)| (*v, p.clone()))
-            .collect(),
-    }
+/// The monotonic instant of wall-clock time `t` (rounded up a little: rendering exactly at the
+/// boundary must see it passed), never more than a day away.
+fn instant_at(t: Timestamp) -> Instant {
+    let wait = t.duration_since(Timestamp::now());
+    let wait = Duration::try_from(wait)
+        .unwrap_or(Duration::ZERO)
+        .min(MAX_TIMER);
+    Instant::now() + wait + Duration::from_millis(5)
 }
 
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    fn key(latest: u32, min_dec: u32) -> TransitKey {
-        TransitKey {
-            name: "k".into(),
-            key_type: "aes256-gcm96".into(),
-            exportable: true,
-            deletion_allowed: false,
-            latest_version: latest,
-            min_decryption_version: min_dec,
-            min_encryption_version: 0,
-            min_available_version: 0,
-            versions: (1..=latest)
-                .map(|v| (v, Timestamp::from_second(i64::from(v) * 1000).unwrap()))
-                .collect(),
-            public_keys: BTreeMap::new(),
-        }
-    }
-
-    #[test]
-    fn fingerprint_changes_only_when_usable_versions_change() {
-        assert_eq!(fingerprint(&key(3, 1)), fingerprint(&key(3, 1)));
-        assert_ne!(fingerprint(&key(3, 1)), fingerprint(&key(4, 1)));
-        assert_ne!(fingerprint(&key(3, 1)), fingerprint(&key(3, 2)));
-        let mut trimmed = key(3, 2);
-        trimmed.min_available_version = 2;
-        trimmed.versions.remove(&1);
-        assert_eq!(fingerprint(&key(3, 2)), fingerprint(&trimmed));
-    }
-
-    #[test]
-    fn outages_back_off_but_a_403_degrades_one_key() {
-        let down = VaultError::Unreachable {
-            addr: "a".into(),
-            reason: "refused".into(),
-        };
-        assert_eq!(classify(&down), Severity::VaultDown);
-        let five = VaultError::Api {
-            status: 503,
-            method: "GET".into(),
-            path: "p".into(),
-            message: "m".into(),
-        };
-        assert_eq!(classify(&five), Severity::VaultDown);
-        let denied = VaultError::PermissionDenied {
-            path: "p".into(),
-            message: "permission denied".into(),
-        };
-        assert_eq!(classify(&denied), Severity::Key);
-    }
+fn ms_until(at: Instant) -> u64 {
+    at.saturating_duration_since(Instant::now()).as_millis() as u64
 }

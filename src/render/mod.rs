@@ -9,6 +9,8 @@
 //! Each format lives in its own module (`opendkim`, `pem`, `keyring`); this module owns the
 //! input/output types, path validation and assembling one sorted, duplicate-free set.
 
+#[cfg(test)]
+mod fuzz;
 pub mod keyring;
 pub mod opendkim;
 pub mod pem;

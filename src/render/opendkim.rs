@@ -246,7 +246,7 @@ pub(crate) fn ed25519_public(
 
 /// `output_dir` as written into KeyTable: UTF-8, no whitespace or ':' (KeyTable's separators),
 /// without a trailing '/'.
-fn keytable_dir(output_dir: &Path) -> Result<String, RenderError> {
+pub fn keytable_dir(output_dir: &Path) -> Result<String, RenderError> {
     let bad = |why| {
         Err(RenderError::BadOutputDir {
             dir: output_dir.display().to_string(),
@@ -269,7 +269,7 @@ fn keytable_dir(output_dir: &Path) -> Result<String, RenderError> {
 
 /// A DKIM signing domain: lowercase DNS name, labels of `[a-z0-9-]` not starting or ending in
 /// '-', no leading or trailing dot.
-pub(crate) fn validate_domain(domain: &str) -> Result<(), String> {
+pub fn validate_domain(domain: &str) -> Result<(), String> {
     let bad = |why: &str| Err(format!("opendkim domain {domain:?} {why}"));
     if domain.is_empty() {
         return bad("is empty");
@@ -302,7 +302,7 @@ pub(crate) fn validate_domain(domain: &str) -> Result<(), String> {
 
 /// The selector for `version`: the template with `{version}` and `{name}` substituted; must be a
 /// DNS label `[a-z0-9-]{1,63}`.
-pub(crate) fn selector(template: &str, name: &str, version: u32) -> Result<String, String> {
+pub fn selector(template: &str, name: &str, version: u32) -> Result<String, String> {
     if !template.contains("{version}") {
         return Err(format!(
             "selector template {template:?} must contain {{version}}: selectors are never reused \

@@ -54,13 +54,17 @@ pub struct Sidecar {
     pub port: u16,
     pub log: PathBuf,
     child: Option<Child>,
+    /// How the last start authenticated: `Some(token)` in VAULT_TOKEN, `None` for the config's
+    /// `[vault]` section alone.
+    token: Option<String>,
+    args: Vec<String>,
 }
 
-/// The top of a config: output dir, fast polling, listener on `port`. Append `[reload]` and
-/// `[[keys]]` to it.
+/// The top of a config: output dir, fast polling, listener on `port` (as a dotted key, so more
+/// top-level fields, `listen.*` keys, `[reload]` and `[[keys]]` can follow).
 pub fn base_config(out: &Path, port: u16, poll: &str) -> String {
     format!(
-        "output_dir = \"{}\"\npoll_interval = \"{poll}\"\npoll_jitter = \"0%\"\n[listen]\naddress = \"127.0.0.1:{port}\"\n",
+        "output_dir = \"{}\"\npoll_interval = \"{poll}\"\npoll_jitter = \"0%\"\nlisten.address = \"127.0.0.1:{port}\"\n",
         out.display()
     )
 }
@@ -73,7 +77,23 @@ impl Sidecar {
     }
 
     pub fn start_with(bao: &Bao, poll: &str, rest: &str, token: &str, args: &[&str]) -> Sidecar {
-        Self::launch(bao, workdir(), free_port(), poll, rest, token, args)
+        Self::launch(bao, workdir(), free_port(), poll, rest, Some(token), args)
+    }
+
+    /// With no VAULT_TOKEN in the environment: credentials come from the config's `[vault]`.
+    pub fn start_with_config_auth(bao: &Bao, poll: &str, rest: &str) -> Sidecar {
+        Self::launch(bao, workdir(), free_port(), poll, rest, None, &[])
+    }
+
+    /// Writes the config into `dir` (a [`workdir`]) as given, on `port`, and starts.
+    pub fn start_in(
+        bao: &Bao,
+        dir: tempfile::TempDir,
+        port: u16,
+        poll: &str,
+        rest: &str,
+    ) -> Sidecar {
+        Self::launch(bao, dir, port, poll, rest, Some(&bao.token), &[])
     }
 
     /// In a directory and on a port chosen beforehand (e.g. named in a rotator webhook).
@@ -84,7 +104,7 @@ impl Sidecar {
         poll: &str,
         rest: &str,
     ) -> Sidecar {
-        Self::launch(bao, dir, port, poll, rest, &bao.token, &[])
+        Self::launch(bao, dir, port, poll, rest, Some(&bao.token), &[])
     }
 
     fn launch(
@@ -93,7 +113,7 @@ impl Sidecar {
         port: u16,
         poll: &str,
         rest: &str,
-        token: &str,
+        token: Option<&str>,
         args: &[&str],
     ) -> Sidecar {
         let out = dir.path().join("out");
@@ -107,26 +127,49 @@ impl Sidecar {
             port,
             log,
             child: None,
+            token: token.map(String::from),
+            args: args.iter().map(|a| a.to_string()).collect(),
         };
-        s.spawn(bao, token, args);
+        s.spawn(bao);
         s
     }
 
-    fn spawn(&mut self, bao: &Bao, token: &str, args: &[&str]) {
+    /// Starts the process again with the same config, directory, credentials and flags
+    /// (after [`Sidecar::stop`] or [`Sidecar::kill`]); waits until its listener answers.
+    pub fn restart(&mut self, bao: &Bao) {
+        assert!(self.child.is_none(), "stop or kill the sidecar first");
+        self.spawn(bao);
+    }
+
+    /// Starts the process without waiting for its listener (for tests that kill it at random
+    /// moments, including before it listens).
+    pub fn spawn_nowait(&mut self, bao: &Bao) {
+        assert!(self.child.is_none(), "stop or kill the sidecar first");
+        self.child = Some(self.command(bao).spawn().expect("start keyroll-sidecar"));
+    }
+
+    fn command(&self, bao: &Bao) -> Command {
         let logf = std::fs::OpenOptions::new()
             .create(true)
             .append(true)
             .open(&self.log)
             .unwrap();
         let mut cmd = bao.keyroll("keyroll-sidecar");
-        cmd.env("VAULT_TOKEN", token)
-            .arg("-c")
+        match &self.token {
+            Some(t) => cmd.env("VAULT_TOKEN", t),
+            None => cmd.env_remove("VAULT_TOKEN"),
+        };
+        cmd.arg("-c")
             .arg(&self.config)
-            .args(args)
+            .args(&self.args)
             .stdout(Stdio::from(logf.try_clone().unwrap()))
             .stderr(Stdio::from(logf));
-        self.child = Some(cmd.spawn().expect("start keyroll-sidecar"));
-        let deadline = Instant::now() + Duration::from_secs(20);
+        cmd
+    }
+
+    fn spawn(&mut self, bao: &Bao) {
+        self.child = Some(self.command(bao).spawn().expect("start keyroll-sidecar"));
+        let deadline = Instant::now() + Duration::from_secs(60);
         while TcpStream::connect(("127.0.0.1", self.port)).is_err() {
             if let Some(st) = self.child.as_mut().unwrap().try_wait().unwrap() {
                 panic!("sidecar exited with {st}: {}", self.logs());
@@ -154,7 +197,7 @@ impl Sidecar {
 
     /// Waits until `/readyz` says ready.
     pub fn wait_ready(&self) {
-        wait_for(Duration::from_secs(20), || {
+        wait_for(Duration::from_secs(60), || {
             self.http("GET", "/readyz", &[]).0 == 200
         })
         .unwrap_or_else(|| panic!("sidecar not ready: {}", self.logs()));
@@ -196,6 +239,39 @@ impl Sidecar {
             }
             std::thread::sleep(Duration::from_millis(20));
         }
+    }
+
+    /// SIGKILL (no chance to clean up) and reap.
+    pub fn kill(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+
+    /// Whether the process is still running.
+    pub fn running(&mut self) -> bool {
+        self.child
+            .as_mut()
+            .is_some_and(|c| c.try_wait().unwrap().is_none())
+    }
+
+    /// `/healthz` as JSON (any status code).
+    pub fn health(&self) -> serde_json::Value {
+        let (_, body) = self.http("GET", "/healthz", &[]);
+        serde_json::from_str(&body).unwrap_or_else(|e| panic!("/healthz {body:?}: {e}"))
+    }
+
+    /// Replaces the config file by rename (as editors and ConfigMaps do) with `base_config`
+    /// + `rest`, keeping the output directory and port.
+    pub fn rewrite_config(&self, poll: &str, rest: &str) {
+        let tmp = self.dir.path().join("sidecar.toml.new");
+        std::fs::write(
+            &tmp,
+            format!("{}{rest}", base_config(&self.out, self.port, poll)),
+        )
+        .unwrap();
+        std::fs::rename(&tmp, &self.config).unwrap();
     }
 
     pub fn pid(&self) -> u32 {
