@@ -133,7 +133,7 @@ fn every_duration_has_a_bound_and_the_error_points_at_its_line() {
         ),
         (
             format!("output_dir = \"/o\"\npoll_interval = \"2d\"\n{key}"),
-            ":2: poll_interval: \"2d\" is above the maximum of 1day",
+            ":2: poll_interval: \"2d\" is above the maximum of 1d",
         ),
         (
             format!("output_dir = \"/o\"\npoll_interval = \"10ms\"\n{key}"),
