@@ -40,3 +40,7 @@ pub fn error_chain(e: &dyn std::error::Error) -> String {
 pub mod apply;
 pub mod lock;
 pub mod observe;
+// Data keys (issue 8): data sources, census, rewrap.
+pub mod census;
+pub mod datasource;
+pub mod rewrap;

@@ -74,6 +74,9 @@ struct RawKey {
     keep_versions: Option<u32>,
     retain_for: Option<Span>,
     dispose_after: Option<Span>,
+    /// `[[keys.data]]`: where this key's ciphertexts are stored (validated in `datasource`).
+    #[serde(default)]
+    data: Vec<toml::Spanned<crate::datasource::RawDataSource>>,
 }
 
 /// Where keyroll keeps its own small state in a KV v2 mount: per-key locks and the times Vault
@@ -136,6 +139,8 @@ pub struct Policy {
     pub keys: Vec<KeyPolicy>,
     pub audit: Option<AuditSettings>,
     pub notify: NotifySettings,
+    /// Data sources per key, for census and rewrap; keys without any are absent.
+    pub data: crate::datasource::PolicyData,
 }
 
 impl Policy {
@@ -197,12 +202,28 @@ impl Policy {
             ));
         }
 
+        if let Some(d) = defaults.data.first() {
+            let line = line_col(text, d.span().start).0;
+            return Err(at(
+                line,
+                "defaults.data",
+                "data sources belong to one [[keys]] entry; write [[keys.data]] after it".into(),
+            ));
+        }
         let mut keys = Vec::with_capacity(raw.keys.len());
+        let mut data = crate::datasource::PolicyData::new();
         let mut seen: BTreeMap<(String, String), usize> = BTreeMap::new();
         for spanned in raw.keys {
             let line = line_col(text, spanned.span().start).0;
-            let k = spanned.into_inner();
+            let mut k = spanned.into_inner();
+            let raw_data = std::mem::take(&mut k.data);
             let key = merge_key(&defaults, k).map_err(|(f, r)| at(line, f, r))?;
+            let sources =
+                crate::datasource::from_raw(&key.name, key.key_type, raw_data, text, path)
+                    .map_err(|(l, f, r)| at(l, f, r))?;
+            if !sources.is_empty() {
+                data.insert((key.mount.clone(), key.name.to_string()), sources);
+            }
             if let Some(first) = seen.insert((key.mount.clone(), key.name.to_string()), line) {
                 return Err(at(
                     line,
@@ -231,11 +252,20 @@ impl Policy {
             keys,
             audit,
             notify,
+            data,
         })
     }
 
     pub fn key(&self, name: &str) -> Option<&KeyPolicy> {
         self.keys.iter().find(|k| k.name.as_str() == name)
+    }
+
+    /// The key's `[[keys.data]]` sources (empty when it has none).
+    pub fn data_sources(&self, k: &KeyPolicy) -> &[crate::datasource::DataSource] {
+        self.data
+            .get(&(k.mount.clone(), k.name.to_string()))
+            .map(Vec::as_slice)
+            .unwrap_or(&[])
     }
 }
 

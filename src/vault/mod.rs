@@ -12,6 +12,7 @@
 //! the AppRole login and token renewal.
 
 pub mod client;
+pub mod datakey;
 pub mod error;
 pub mod kv;
 pub mod transit;

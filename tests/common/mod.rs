@@ -14,6 +14,8 @@ use std::time::{Duration, Instant};
 
 use serde_json::Value;
 
+pub mod datakeys;
+pub mod pg;
 pub mod sidecar;
 
 /// Repository root (the root crate's manifest dir).
