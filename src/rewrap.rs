@@ -511,14 +511,18 @@ async fn rewrap_source(
 
     let (tx, mut rx) = mpsc::channel::<Result<Batch, RewrapError>>(ctx.opts.concurrency);
     let producer = tokio::spawn(produce(
-        db.clone(),
-        ctx.vault.clone(),
-        key.mount.clone(),
-        key.name.clone(),
-        target,
+        Job {
+            db: db.clone(),
+            vault: ctx.vault.clone(),
+            mount: key.mount.clone(),
+            name: key.name.clone(),
+            source_id: source.id.clone(),
+            table: source.table.to_string(),
+            target,
+            opts: ctx.opts,
+            has_context: source.context_column.is_some(),
+        },
         st.after.clone(),
-        ctx.opts,
-        source.context_column.is_some(),
         tx,
     ));
     let mut producer = AbortOnDrop(Some(producer));
@@ -674,30 +678,59 @@ impl Drop for AbortOnDrop {
     }
 }
 
-/// Reads pages in key order, sends them to Vault (up to `concurrency` at once, paced to the
-/// rate limit) and hands them on in order. Stops at the end of the table, on the first error
-/// (after sending it), or when the consumer hangs up.
-#[allow(clippy::too_many_arguments)]
-async fn produce(
+/// What the producer works on.
+struct Job {
     db: Arc<Db>,
     vault: Vault,
     mount: String,
     name: KeyName,
+    source_id: String,
+    table: String,
     target: u32,
-    after: Option<Pk>,
     opts: RewrapOptions,
     has_context: bool,
-    tx: mpsc::Sender<Result<Batch, RewrapError>>,
-) {
+}
+
+/// Reads pages in key order, sends them to Vault (up to `concurrency` at once, paced to the
+/// rate limit) and hands them on in order. Stops at the end of the table, on the first error
+/// (after sending it), or when the consumer hangs up.
+async fn produce(job: Job, after: Option<Pk>, tx: mpsc::Sender<Result<Batch, RewrapError>>) {
+    let Job {
+        db,
+        vault,
+        mount,
+        name,
+        source_id,
+        table,
+        target,
+        opts,
+        has_context,
+    } = job;
     let start = tokio::time::Instant::now();
     let mut dispatched: u64 = 0;
     let pages = futures::stream::unfold((after, false), |(after, ended)| {
         let db = db.clone();
+        let (source_id, table) = (source_id.clone(), table.clone());
         async move {
             if ended {
                 return None;
             }
-            match db.page_below(after.as_ref(), target, opts.batch_size).await {
+            // Spawned, so the query always runs to completion. Awaited in place, it would be
+            // polled only when `buffered` below has room; meanwhile tokio-postgres could not
+            // hand over its answer, and the consumer's write on the same connection, queued
+            // behind it, would never finish: a deadlock (seen in the SIGKILL test).
+            let page = tokio::spawn(async move {
+                db.page_below(after.as_ref(), target, opts.batch_size).await
+            })
+            .await
+            .unwrap_or_else(|e| {
+                Err(SourceError::Query {
+                    source_id,
+                    table,
+                    reason: format!("the page reader failed: {e}"),
+                })
+            });
+            match page {
                 Ok(rows) if rows.is_empty() => None,
                 Ok(rows) => {
                     let next = rows.last().map(|r| r.pk.clone());

@@ -42,42 +42,48 @@ fn quote_type(t: &Type) -> String {
 
 impl PgSql {
     /// Builds the statements. `pk_type` is the quoted type of the primary key column.
+    ///
+    /// Every column is qualified by the alias `t`: an unqualified `ORDER BY "id"` would sort by
+    /// the *output* column `"id"::text` (text order, "10" before "9") while `"id" > $1`
+    /// compares in the key's own type, and keyset pages would skip rows.
     pub fn new(source: &DataSource, pk_type: &str) -> Self {
         let t = source.table.quoted();
-        let c = source.column.quoted();
-        let k = source.primary_key.quoted();
+        let c = format!("t.{}", source.column.quoted());
+        let k = format!("t.{}", source.primary_key.quoted());
         let ctx = source
             .context_column
             .as_ref()
-            .map(|x| format!(", {}", x.quoted()))
+            .map(|x| format!(", t.{}", x.quoted()))
             .unwrap_or_default();
         let is_transit = format!(
             "{c} LIKE 'vault:v%:%' AND split_part({c}, ':', 2) ~ '^v[0-9]{{1,10}}$' \
-                     AND split_part({c}, ':', 2) !~ '^v0+$'"
+             AND split_part({c}, ':', 2) !~ '^v0+$'"
         );
         let version =
             format!("CASE WHEN {is_transit} THEN substr(split_part({c}, ':', 2), 2)::bigint END");
+        let cols = format!("{k}::text AS keyroll_pk, {c}{ctx}");
         PgSql {
             census: format!(
                 "SELECT CASE WHEN {c} IS NULL THEN NULL WHEN {is_transit} \
                  THEN split_part({c}, ':', 2) ELSE 'other' END AS v, count(*) \
-                 FROM {t} GROUP BY 1"
+                 FROM {t} AS t GROUP BY 1"
             ),
             first_page: format!(
-                "SELECT {k}::text, {c}{ctx} FROM {t} WHERE {version} < $1 ORDER BY {k} LIMIT $2"
+                "SELECT {cols} FROM {t} AS t WHERE {version} < $1 ORDER BY {k} LIMIT $2"
             ),
             next_page: format!(
-                "SELECT {k}::text, {c}{ctx} FROM {t} WHERE {k} > CAST($1::text AS {pk_type}) \
+                "SELECT {cols} FROM {t} AS t WHERE {k} > CAST($1::text AS {pk_type}) \
                  AND {version} < $2 ORDER BY {k} LIMIT $3"
             ),
             swap: format!(
-                "UPDATE {t} AS t SET {c} = u.new \
+                "UPDATE {t} AS t SET {col} = u.new \
                  FROM unnest($1::text[], $2::text[], $3::text[]) AS u(pk, old, new) \
-                 WHERE t.{k} = CAST(u.pk AS {pk_type}) AND t.{c} = u.old RETURNING u.pk"
+                 WHERE {k} = CAST(u.pk AS {pk_type}) AND {c} = u.old RETURNING u.pk",
+                col = source.column.quoted()
             ),
             current: format!(
-                "SELECT u.pk, t.{c} FROM unnest($1::text[]) AS u(pk) \
-                 LEFT JOIN {t} AS t ON t.{k} = CAST(u.pk AS {pk_type})"
+                "SELECT u.pk, {c} FROM unnest($1::text[]) AS u(pk) \
+                 LEFT JOIN {t} AS t ON {k} = CAST(u.pk AS {pk_type})"
             ),
         }
     }
@@ -450,13 +456,16 @@ mod tests {
             line: 1,
         };
         let sql = PgSql::new(&ds, "\"pg_catalog\".\"int8\"");
-        assert!(sql.first_page.contains("FROM \"app\".\"order\""));
+        assert!(sql.first_page.contains("FROM \"app\".\"order\" AS t"));
         assert!(sql
             .first_page
-            .contains("SELECT \"Id\"::text, \"select\", \"ctx\""));
+            .starts_with("SELECT t.\"Id\"::text AS keyroll_pk, t.\"select\", t.\"ctx\""));
         assert!(sql
             .next_page
-            .contains("\"Id\" > CAST($1::text AS \"pg_catalog\".\"int8\")"));
+            .contains("t.\"Id\" > CAST($1::text AS \"pg_catalog\".\"int8\")"));
+        // Keyset order is the key's own order, never the text of the key.
+        assert!(sql.first_page.ends_with("ORDER BY t.\"Id\" LIMIT $2"));
+        assert!(sql.next_page.ends_with("ORDER BY t.\"Id\" LIMIT $3"));
         assert!(sql
             .swap
             .starts_with("UPDATE \"app\".\"order\" AS t SET \"select\" = u.new"));

@@ -33,12 +33,13 @@ pub struct SqliteSql {
 impl SqliteSql {
     pub fn new(source: &DataSource) -> Self {
         let t = source.table.quoted();
-        let c = source.column.quoted();
-        let k = source.primary_key.quoted();
+        // Qualified by the alias `t` so names always mean the table's columns.
+        let c = format!("t.{}", source.column.quoted());
+        let k = format!("t.{}", source.primary_key.quoted());
         let ctx = source
             .context_column
             .as_ref()
-            .map(|x| format!(", {}", x.quoted()))
+            .map(|x| format!(", t.{}", x.quoted()))
             .unwrap_or_default();
         // 'vault:v' is 7 characters; the digits run from 8 to the next ':' (1..=10 of them).
         let colon = format!("instr(substr({c}, 8), ':')");
@@ -52,17 +53,21 @@ impl SqliteSql {
         SqliteSql {
             census: format!(
                 "SELECT CASE WHEN {c} IS NULL THEN NULL WHEN {is_transit} THEN {digits} \
-                 ELSE 'other' END AS v, count(*) FROM {t} GROUP BY 1"
+                 ELSE 'other' END AS v, count(*) FROM {t} AS t GROUP BY 1"
             ),
             first_page: format!(
-                "SELECT {k}, {c}{ctx} FROM {t} WHERE {version} < ?1 ORDER BY {k} LIMIT ?2"
+                "SELECT {k}, {c}{ctx} FROM {t} AS t WHERE {version} < ?1 ORDER BY {k} LIMIT ?2"
             ),
             next_page: format!(
-                "SELECT {k}, {c}{ctx} FROM {t} WHERE {k} > ?3 AND {version} < ?1 \
+                "SELECT {k}, {c}{ctx} FROM {t} AS t WHERE {k} > ?3 AND {version} < ?1 \
                  ORDER BY {k} LIMIT ?2"
             ),
-            swap: format!("UPDATE {t} SET {c} = ?1 WHERE {k} = ?2 AND {c} = ?3"),
-            current: format!("SELECT {c} FROM {t} WHERE {k} = ?1"),
+            swap: format!(
+                "UPDATE {t} SET {col} = ?1 WHERE {key} = ?2 AND {col} = ?3",
+                col = source.column.quoted(),
+                key = source.primary_key.quoted()
+            ),
+            current: format!("SELECT {c} FROM {t} AS t WHERE {k} = ?1"),
         }
     }
 }
