@@ -346,3 +346,60 @@ fn census_of_a_large_table_counts_every_row_by_sql() {
     assert_eq!(s["null"].as_u64(), Some(want["null"]));
     assert_eq!(s["total"], 300000);
 }
+
+#[test]
+fn postgres_over_tls_verifies_the_server_certificate() {
+    let bao = Bao::shared();
+    let pg = common::pg::Pg::start_tls();
+    let db = pg.create_db("tls");
+    pg.psql(&db, "CREATE TABLE subscribers (id bigint PRIMARY KEY, c text); INSERT INTO subscribers VALUES (1, 'vault:v1:AAAA'), (2, NULL)");
+    let key = datakeys::key(bao, "tls", 1, &[]);
+    let dir = tempfile::tempdir().unwrap();
+    let policy = |ca: Option<&std::path::Path>| {
+        let p = dir.path().join("policy.toml");
+        let ca = ca
+            .map(|c| format!("ca_file = \"{}\"\n", c.display()))
+            .unwrap_or_default();
+        std::fs::write(
+            &p,
+            format!(
+                "[[keys]]\nname = \"{key}\"\ntype = \"aes256-gcm96\"\nrotate_every = \"30d\"\n\
+                 [[keys.data]]\nengine = \"postgres\"\nurl_env = \"{}\"\n{ca}\
+                 table = \"subscribers\"\ncolumn = \"c\"\nprimary_key = \"id\"\n",
+                datakeys::URL_ENV
+            ),
+        )
+        .unwrap();
+        p
+    };
+    let census = |p: &std::path::Path, mode: &str| {
+        let mut c = bao.keyroll("keyroll");
+        c.env(datakeys::URL_ENV, format!("{}?sslmode={mode}", pg.url(&db)))
+            .arg("-c")
+            .arg(p)
+            .args(["-o", "json", "census"]);
+        run(&mut c)
+    };
+
+    // Trusting the server's CA: the census runs over TLS.
+    let (code, out, err) = census(&policy(Some(&pg.tls_cert())), "require");
+    assert_eq!(code, 0, "{err}");
+    let v: Value = serde_json::from_str(&out).unwrap();
+    assert_eq!(v[0]["sources"][0]["versions"]["1"], 1);
+    assert!(
+        pg.log().contains("application_name=keyroll SSL enabled"),
+        "no TLS session in the server log:\n{}",
+        pg.log()
+    );
+
+    // Without that CA the certificate does not verify: refused, never downgraded, even with
+    // sslmode=prefer.
+    for mode in ["require", "prefer"] {
+        let (code, _, err) = census(&policy(None), mode);
+        assert_eq!(code, 1, "{mode}: {err}");
+        assert!(
+            err.contains("cannot connect") && err.to_lowercase().contains("certificate"),
+            "{mode}: {err}"
+        );
+    }
+}

@@ -804,3 +804,100 @@ fn keyring_values_in_transit_format_are_counted_and_rewrapped() {
         assert_eq!(version_of(after[&pk].as_deref().unwrap()), Some(2));
     }
 }
+
+/// SIGTERM stops a run after the page it is writing, with its checkpoint saved (exit 1, "run
+/// again to resume"); the next run resumes and the total stays exact.
+#[test]
+fn sigterm_stops_after_the_current_page_and_the_next_run_resumes() {
+    let bao = Bao::shared();
+    let v = datakeys::vault(bao);
+    let key = datakeys::key(bao, "term", 2, &[]);
+    let t = Table::new(Kind::Sqlite, false);
+    let seeded = datakeys::seed(&v, &key, &t, 6_000, &[1]);
+    let policy = t.policy(&key, "");
+    let child = spawn_rewrap(
+        &t,
+        bao,
+        &policy,
+        &["--max-rate", "1000", "--batch-size", "50"],
+    );
+    wait_for("checkpoint progress", Duration::from_secs(120), || {
+        checkpoint(bao, &key)
+            .and_then(|c| c["sources"]["subscribers.c"]["rewrapped"].as_u64())
+            .is_some_and(|n| n >= 500)
+    });
+    let ok = std::process::Command::new("kill")
+        .args(["-TERM", &child.id().to_string()])
+        .status()
+        .unwrap()
+        .success();
+    assert!(ok);
+    let out = child.wait_with_output().unwrap();
+    let (stdout, stderr) = (
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr),
+    );
+    assert_eq!(out.status.code(), Some(1), "{stdout}\n{stderr}");
+    assert!(
+        stderr.contains("interrupted; run keyroll rewrap again to resume"),
+        "{stderr}"
+    );
+    let r = &json(&stdout)[0];
+    assert_eq!(r["interrupted"], true);
+    let first = r["sources"][0]["rewrapped"].as_u64().unwrap();
+    assert!(first >= 500 && first < 6_000, "{r}");
+    let c = checkpoint(bao, &key).unwrap();
+    assert!(c["sources"]["subscribers.c"]["inflight"].is_null(), "{c}");
+    assert_eq!(
+        c["sources"]["subscribers.c"]["rewrapped"].as_u64(),
+        Some(first)
+    );
+    assert_eq!(below(&t.rows(), 2), 6_000 - first);
+
+    let (code, out, err) = run(&mut t.keyroll(bao, &policy, &["-o", "json", "rewrap"]));
+    assert_eq!(code, 0, "{err}");
+    let s = &json(&out)[0]["sources"][0];
+    assert_eq!(s["rewrapped"], 6_000, "{s}");
+    assert_eq!(s["rewrapped_this_run"].as_u64(), Some(6_000 - first));
+    let after = t.rows();
+    for (pk, p) in datakeys::decrypt(&v, &key, &after) {
+        assert_eq!(p.unwrap(), seeded[&pk]);
+    }
+}
+
+/// Two rewraps of one key at once: the later one takes the checkpoint over, the earlier one
+/// stops at its next page with a clear message; compare-and-swap keeps every row right.
+#[test]
+fn a_second_concurrent_rewrap_takes_over_and_no_row_is_harmed() {
+    let bao = Bao::shared();
+    let v = datakeys::vault(bao);
+    let key = datakeys::key(bao, "twice", 2, &[]);
+    let t = Table::new(Kind::Postgres, false);
+    let seeded = datakeys::seed(&v, &key, &t, 4_000, &[1]);
+    let policy = t.policy(&key, "");
+    let slow = spawn_rewrap(
+        &t,
+        bao,
+        &policy,
+        &["--max-rate", "500", "--batch-size", "20"],
+    );
+    wait_for("the first run's progress", Duration::from_secs(120), || {
+        checkpoint(bao, &key)
+            .and_then(|c| c["sources"]["subscribers.c"]["rewrapped"].as_u64())
+            .is_some_and(|n| n >= 200)
+    });
+    let (code, out, err) = run(&mut t.keyroll(bao, &policy, &["-o", "json", "rewrap"]));
+    assert_eq!(code, 0, "{out}\n{err}");
+    let slow = slow.wait_with_output().unwrap();
+    let slow_err = String::from_utf8_lossy(&slow.stderr);
+    assert_eq!(slow.status.code(), Some(1), "{slow_err}");
+    assert!(
+        slow_err.contains("another keyroll rewrap took over"),
+        "{slow_err}"
+    );
+    let after = t.rows();
+    assert_eq!(below(&after, 2), 0);
+    for (pk, p) in datakeys::decrypt(&v, &key, &after) {
+        assert_eq!(p.unwrap(), seeded[&pk]);
+    }
+}

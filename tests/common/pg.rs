@@ -56,6 +56,27 @@ impl Pg {
 
     /// A private cluster, stopped (and its directory removed) on drop.
     pub fn start() -> Pg {
+        Pg::start_with(false)
+    }
+
+    /// A private cluster that also speaks TLS, with a certificate for 127.0.0.1 from a fresh
+    /// test CA (`tls_cert()`), and connection logging on (the log says whether a session used
+    /// TLS).
+    pub fn start_tls() -> Pg {
+        Pg::start_with(true)
+    }
+
+    /// The CA certificate (PEM) that signed the TLS cluster's certificate: the one to trust.
+    pub fn tls_cert(&self) -> PathBuf {
+        self.dir.join("ca.crt")
+    }
+
+    /// The server log so far.
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(self.dir.join("log")).unwrap_or_default()
+    }
+
+    fn start_with(tls: bool) -> Pg {
         let bin = Path::new(PG_BIN);
         assert!(
             bin.join("initdb").exists(),
@@ -104,11 +125,85 @@ impl Pg {
                 "--locale=C",
             ],
         );
-        let opts = format!(
+        let mut opts = format!(
             "-p {port} -k {} -c listen_addresses=127.0.0.1 -c fsync=off \
              -c synchronous_commit=off -c full_page_writes=off -c max_connections=50",
             pg.dir.display()
         );
+        if tls {
+            // A test CA and a server certificate for 127.0.0.1 signed by it (webpki refuses a
+            // self-signed CA certificate as the server's own).
+            let d = |f: &str| pg.dir.join(f).display().to_string();
+            let (ca_key, ca_crt, key, csr, crt, ext) = (
+                d("ca.key"),
+                d("ca.crt"),
+                d("server.key"),
+                d("server.csr"),
+                d("server.crt"),
+                d("server.ext"),
+            );
+            std::fs::write(
+                &ext,
+                "subjectAltName=IP:127.0.0.1\nbasicConstraints=CA:FALSE\n",
+            )
+            .unwrap();
+            let days = ["-days", "2"];
+            pg.run_tool(
+                "openssl",
+                &[
+                    &["req", "-x509", "-newkey", "rsa:2048", "-nodes"][..],
+                    &days,
+                    &[
+                        "-subj",
+                        "/CN=keyroll test CA",
+                        "-keyout",
+                        &ca_key,
+                        "-out",
+                        &ca_crt,
+                    ],
+                ]
+                .concat(),
+            );
+            pg.run_tool(
+                "openssl",
+                &[
+                    "req",
+                    "-new",
+                    "-newkey",
+                    "rsa:2048",
+                    "-nodes",
+                    "-subj",
+                    "/CN=127.0.0.1",
+                    "-keyout",
+                    &key,
+                    "-out",
+                    &csr,
+                ],
+            );
+            pg.run_tool(
+                "openssl",
+                &[
+                    &[
+                        "x509",
+                        "-req",
+                        "-in",
+                        &csr,
+                        "-CA",
+                        &ca_crt,
+                        "-CAkey",
+                        &ca_key,
+                        "-CAcreateserial",
+                    ][..],
+                    &days,
+                    &["-extfile", &ext, "-out", &crt],
+                ]
+                .concat(),
+            );
+            pg.run_tool("chmod", &["600", &key]);
+            opts.push_str(&format!(
+                " -c ssl=on -c ssl_cert_file={crt} -c ssl_key_file={key} -c log_connections=on"
+            ));
+        }
         let log = pg.dir.join("log").display().to_string();
         pg.run_ok(
             "pg_ctl",
@@ -132,9 +227,13 @@ impl Pg {
 
     /// Runs a server tool (as the server's user) and panics with its output and the log.
     fn run_ok(&self, tool: &str, args: &[&str]) {
-        let what = format!("{tool} {args:?}");
+        self.run_tool(&Path::new(PG_BIN).join(tool).display().to_string(), args)
+    }
+
+    fn run_tool(&self, program: &str, args: &[&str]) {
+        let what = format!("{program} {args:?}");
         let out = self
-            .command(&Path::new(PG_BIN).join(tool))
+            .command(Path::new(program))
             .args(args)
             .current_dir(&self.dir)
             .stdin(Stdio::null())
