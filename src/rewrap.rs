@@ -42,12 +42,16 @@ use crate::KeyName;
 
 /// KV sub-path (under `[state] path`) of the rewrap checkpoints.
 pub const CHECKPOINT_DIR: &str = "rewrap";
-/// Rows per Vault batch and per database transaction, by default (and at most: [`MAX_BATCH`]).
-pub const DEFAULT_BATCH_SIZE: usize = MAX_BATCH;
-/// Batches at Vault at once, by default; OpenBao's batch rewrap gains ~40 % from 4 in flight.
+/// Rows per page — one database transaction and one checkpoint write — by default. Vault gets
+/// a page in requests of at most [`MAX_BATCH`] rows, all at once.
+pub const DEFAULT_BATCH_SIZE: usize = 1000;
+/// The most rows per page.
+pub const MAX_BATCH_SIZE: usize = 2000;
+/// Pages at Vault at once, by default; OpenBao's batch rewrap gains ~40 % from several
+/// requests in flight.
 pub const DEFAULT_CONCURRENCY: usize = 4;
-/// The most batches at Vault at once.
-pub const MAX_CONCURRENCY: usize = 32;
+/// The most pages at Vault at once (each page is up to `batch_size / 200` requests).
+pub const MAX_CONCURRENCY: usize = 16;
 /// The highest `--max-rate` accepted (rows per second).
 pub const MAX_ROWS_PER_SEC: u32 = 1_000_000;
 /// How often progress goes to the log.
@@ -86,9 +90,9 @@ impl RewrapOptions {
         concurrency: usize,
         max_rows_per_sec: Option<u32>,
     ) -> Result<Self, String> {
-        if !(1..=MAX_BATCH).contains(&batch_size) {
+        if !(1..=MAX_BATCH_SIZE).contains(&batch_size) {
             return Err(format!(
-                "batch size {batch_size} is out of range; use 1..={MAX_BATCH}"
+                "batch size {batch_size} is out of range; use 1..={MAX_BATCH_SIZE}"
             ));
         }
         if !(1..=MAX_CONCURRENCY).contains(&concurrency) {
@@ -119,9 +123,30 @@ pub struct FailureSample {
 }
 
 /// The page about to be written: its keys and the fingerprints of the values being written.
+///
+/// Stored as *one* JSON string (a JSON array inside): OpenBao refuses request bodies with more
+/// than about 1,000 strings, which a page of 500 (key, fingerprint) pairs would exceed.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Inflight {
+    #[serde(with = "packed")]
     pub rows: Vec<(Pk, String)>,
+}
+
+/// Serde for [`Inflight::rows`]: a JSON array packed into a single string.
+mod packed {
+    use serde::{de::Error as _, Deserialize, Deserializer, Serializer};
+
+    use crate::datasource::Pk;
+
+    pub fn serialize<S: Serializer>(rows: &[(Pk, String)], s: S) -> Result<S::Ok, S::Error> {
+        let text = serde_json::to_string(rows).map_err(serde::ser::Error::custom)?;
+        s.serialize_str(&text)
+    }
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Vec<(Pk, String)>, D::Error> {
+        let text = String::deserialize(d)?;
+        serde_json::from_str(&text).map_err(D::Error::custom)
+    }
 }
 
 /// One source's progress in the checkpoint (cumulative over resumed runs).
@@ -821,8 +846,14 @@ async fn rewrap_page(
         });
         index.push(i);
     }
-    let answers = vault.rewrap_batch(mount, name, &items).await?;
-    for (i, a) in index.into_iter().zip(answers) {
+    // Vault takes at most MAX_BATCH items a request; a page's requests go out together.
+    let answers = futures::future::try_join_all(
+        items
+            .chunks(MAX_BATCH)
+            .map(|chunk| vault.rewrap_batch(mount, name, chunk)),
+    )
+    .await?;
+    for (i, a) in index.into_iter().zip(answers.into_iter().flatten()) {
         results[i] = Some(a);
     }
     Ok(Batch {
@@ -841,8 +872,9 @@ mod tests {
     #[test]
     fn options_are_bounded() {
         assert!(RewrapOptions::new(200, 4, None).is_ok());
+        assert!(RewrapOptions::new(MAX_BATCH_SIZE, 4, None).is_ok());
         assert!(RewrapOptions::new(0, 4, None).is_err());
-        assert!(RewrapOptions::new(201, 4, None).is_err());
+        assert!(RewrapOptions::new(MAX_BATCH_SIZE + 1, 4, None).is_err());
         assert!(RewrapOptions::new(10, 0, None).is_err());
         assert!(RewrapOptions::new(10, MAX_CONCURRENCY + 1, None).is_err());
         assert!(RewrapOptions::new(10, 1, Some(0)).is_err());
@@ -895,6 +927,48 @@ mod tests {
         );
         let v = serde_json::to_value(&c).unwrap();
         assert_eq!(v["sources"]["t.c"]["after"], "42");
+        assert_eq!(serde_json::from_value::<Checkpoint>(v).unwrap(), c);
+    }
+
+    fn strings(v: &serde_json::Value) -> usize {
+        match v {
+            serde_json::Value::String(_) => 1,
+            serde_json::Value::Array(a) => a.iter().map(strings).sum(),
+            serde_json::Value::Object(o) => o.len() + o.values().map(strings).sum::<usize>(),
+            _ => 0,
+        }
+    }
+
+    /// OpenBao refuses a KV write with more than ~1,000 JSON strings: a checkpoint holding the
+    /// largest page in flight, with every failure reason sampled, stays far below.
+    #[test]
+    fn a_full_checkpoint_stays_within_openbaos_json_limits() {
+        let mut st = SourceProgress {
+            after: Some(Pk::Text("x".repeat(40))),
+            inflight: Some(Inflight {
+                rows: (0..MAX_BATCH_SIZE as i64)
+                    .map(|i| (Pk::Text(format!("{i:040}")), fingerprint(&i.to_string())))
+                    .collect(),
+            }),
+            ..Default::default()
+        };
+        for i in 0..(MAX_FAILURE_REASONS * MAX_SAMPLE_KEYS * 2) {
+            st.fail(
+                &format!("reason {}", i % (MAX_FAILURE_REASONS + 3)),
+                &Pk::Text(format!("k{i}")),
+            );
+        }
+        let c = Checkpoint {
+            target_version: 3,
+            started_at: Timestamp::from_second(1).unwrap(),
+            updated_at: Timestamp::from_second(2).unwrap(),
+            finished_at: None,
+            runs: 1,
+            sources: BTreeMap::from([("a".to_string(), st.clone()), ("b".to_string(), st)]),
+        };
+        let v = serde_json::to_value(&c).unwrap();
+        let n = strings(&serde_json::json!({ "data": v }));
+        assert!(n < 600, "{n} strings");
         assert_eq!(serde_json::from_value::<Checkpoint>(v).unwrap(), c);
     }
 }

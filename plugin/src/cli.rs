@@ -25,7 +25,7 @@ pub struct Cli {
     )]
     pub config: PathBuf,
 
-    /// Output format for plan, apply, rotate, status and inventory.
+    /// Output format for plan, apply, rotate, status, inventory, census and rewrap.
     #[arg(short = 'o', long, env = "KEYROLL_OUTPUT", value_enum, default_value_t = Output::Text, global = true)]
     pub output: Output,
 

@@ -37,10 +37,11 @@ const BAR_WIDTH: usize = 24;
 pub struct RewrapArgs {
     /// Key(s) to rewrap (NAME or MOUNT/NAME; default: every key with [[keys.data]]).
     pub keys: Vec<String>,
-    /// Rows per Vault batch and per database transaction (1..=200).
+    /// Rows per page: one database transaction and one checkpoint write (1..=5000); Vault gets
+    /// them in requests of at most 200.
     #[arg(long, env = "KEYROLL_REWRAP_BATCH_SIZE", default_value_t = DEFAULT_BATCH_SIZE)]
     pub batch_size: usize,
-    /// Batches at Vault at once (1..=32).
+    /// Pages at Vault at once (1..=16).
     #[arg(long, env = "KEYROLL_REWRAP_CONCURRENCY", default_value_t = DEFAULT_CONCURRENCY)]
     pub concurrency: usize,
     /// At most this many rows per second (1..=1000000; default: no limit).

@@ -7,10 +7,10 @@
 //!
 //! Connection secrets: a PostgreSQL URL that carries a password never sits in the policy. It comes
 //! from a file (`url_file`, re-read at every connect) or an environment variable (`url_env`); an
-//! inline `url` is accepted only without a password (peer, trust or certificate auth, or a
-//! password from the server's side such as `.pgpass` is not read either — put the whole URL in a
-//! file then). Nothing is read at load time, so `keyroll validate` and the rotation commands
-//! never need the database's credentials.
+//! inline `url` is accepted only without a password (servers that trust the connection).
+//! keyroll reads neither `PGPASSWORD` nor `.pgpass`: the file or variable holds the whole URL.
+//! Nothing is read at load time, so `keyroll validate` and the rotation commands never need the
+//! database's credentials.
 
 use std::path::{Path, PathBuf};
 use std::str::FromStr;
