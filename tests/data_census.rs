@@ -403,3 +403,68 @@ fn postgres_over_tls_verifies_the_server_certificate() {
         );
     }
 }
+
+/// Edge cases of the `vault:v<N>:` rule, counted by PostgreSQL's SQL and selected by rewrap's
+/// page query, agree with keyroll's Rust rule value by value (the SQLite twin is a unit test).
+#[test]
+fn postgres_classifies_values_exactly_like_the_prefix_rule() {
+    let samples = [
+        "vault:v1:abc",
+        "vault:v2:",
+        "vault:v007:x",
+        "vault:v4294967295:x",
+        "vault:v4294967296:x",
+        "vault:v12345678901:x",
+        "vault:v0:abc",
+        "vault:v:abc",
+        "vault:vx:abc",
+        "vault:v1abc",
+        "vault:v-1:abc",
+        "vault:v+1:abc",
+        "vault:v 1:abc",
+        "Vault:v1:abc",
+        " vault:v1:abc",
+        "hello",
+        "",
+        "vault:v١:x",
+    ];
+    let bao = Bao::shared();
+    let key = datakeys::key(bao, "rule", 8, &[]);
+    let t = Table::new(Kind::Postgres, false);
+    let mut rows: Vec<(i64, Option<String>)> = samples
+        .iter()
+        .enumerate()
+        .map(|(i, s)| (i as i64 + 1, Some(s.to_string())))
+        .collect();
+    rows.push((100, None));
+    t.insert(&rows);
+    let mut versions: BTreeMap<String, u64> = BTreeMap::new();
+    let mut non_transit = 0;
+    let mut below_latest = 0;
+    for s in samples {
+        match datakeys::version_of(s) {
+            Some(v) => {
+                *versions.entry(v.to_string()).or_default() += 1;
+                if v < 8 {
+                    below_latest += 1;
+                }
+            }
+            None => non_transit += 1,
+        }
+    }
+    let policy = t.policy(&key, "");
+    let (code, out, err) = run(&mut t.keyroll(bao, &policy, &["-o", "json", "census"]));
+    assert_eq!(code, 0, "{err}");
+    let s = &serde_json::from_str::<Value>(&out).unwrap()[0]["sources"][0];
+    assert_eq!(s["versions"], serde_json::to_value(&versions).unwrap());
+    assert_eq!(s["non_transit"], non_transit);
+    assert_eq!(s["null"], 1);
+    // rewrap sends exactly the transit values below v8 to Vault (whose payloads are garbage,
+    // so each comes back failed) and nothing else.
+    let (code, out, err) = run(&mut t.keyroll(bao, &policy, &["-o", "json", "rewrap"]));
+    assert_eq!(code, 1, "{out}\n{err}");
+    let s = &serde_json::from_str::<Value>(&out).unwrap()[0]["sources"][0];
+    assert_eq!(s["failed"], below_latest, "{s}");
+    assert_eq!(s["rewrapped"], 0, "{s}");
+    assert_eq!(t.rows(), rows.into_iter().collect::<BTreeMap<_, _>>());
+}

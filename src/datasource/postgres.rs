@@ -63,8 +63,11 @@ impl PgSql {
             format!("CASE WHEN {is_transit} THEN substr(split_part({c}, ':', 2), 2)::bigint END");
         let cols = format!("{k}::text AS keyroll_pk, {c}{ctx}");
         PgSql {
+            // The label is checked in Rust (`Counts::add`): a regex per row here made the
+            // census of 1,000,000 rows 2.5-4x slower. Labels are few (one per version) unless
+            // garbage spells `vault:v...:`; the rows are streamed, so even then memory stays flat.
             census: format!(
-                "SELECT CASE WHEN {c} IS NULL THEN NULL WHEN {is_transit} \
+                "SELECT CASE WHEN {c} IS NULL THEN NULL WHEN {c} LIKE 'vault:v%:%' \
                  THEN split_part({c}, ':', 2) ELSE 'other' END AS v, count(*) \
                  FROM {t} AS t GROUP BY 1"
             ),
@@ -301,13 +304,16 @@ impl PgSource {
     }
 
     pub async fn census(&self) -> Result<Counts, SourceError> {
+        use futures::TryStreamExt as _;
+        let none: [&(dyn tokio_postgres::types::ToSql + Sync); 0] = [];
         let rows = self
             .client
-            .query(&self.sql.census, &[])
+            .query_raw(&self.sql.census, none)
             .await
             .map_err(|e| self.query_err(&e))?;
+        futures::pin_mut!(rows);
         let mut counts = Counts::default();
-        for r in rows {
+        while let Some(r) = rows.try_next().await.map_err(|e| self.query_err(&e))? {
             let label: Option<String> = r.get(0);
             let n: i64 = r.get(1);
             counts.add(label.as_deref(), u64::try_from(n).unwrap_or(0));

@@ -406,6 +406,7 @@ mod tests {
         "vault:vx:abc",
         "vault:v1abc",
         "vault:v-1:abc",
+        "vault:v+1:abc",
         "vault:v 1:abc",
         "Vault:v1:abc",
         " vault:v1:abc",
