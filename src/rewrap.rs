@@ -152,6 +152,10 @@ mod packed {
 /// One source's progress in the checkpoint (cumulative over resumed runs).
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct SourceProgress {
+    /// `table.column` this progress is about: if the policy now points the source elsewhere,
+    /// its progress is not carried over.
+    #[serde(default)]
+    pub location: String,
     /// Every row with a key up to this one is done.
     pub after: Option<Pk>,
     pub done: bool,
@@ -276,7 +280,8 @@ pub enum RewrapError {
     KeyMissing { mount: String, key: String },
     #[error(
         "another keyroll rewrap took over {path} (its checkpoint changed under this run); this \
-         run stopped, the other continues"
+         run stopped, the other continues. If no other run exists, the checkpoint's latest \
+         version was deleted: remove it for good with `kv metadata delete`"
     )]
     Superseded { path: String },
     #[error("rewrap checkpoint {path} is not readable: {reason}")]
@@ -482,8 +487,12 @@ async fn rewrap_source(
         .data
         .sources
         .get(&source.id)
+        .filter(|p| p.location == source.location())
         .cloned()
-        .unwrap_or_default();
+        .unwrap_or_else(|| SourceProgress {
+            location: source.location(),
+            ..Default::default()
+        });
     let (db, counts) = if st.done {
         // Finished earlier in this pass (a resumed run): nothing to open.
         (None, Counts::default())

@@ -676,7 +676,7 @@ fn a_page_written_just_before_a_kill_is_counted_exactly_once(kind: Kind) {
         "updated_at": "2026-01-01T00:00:00Z",
         "runs": 1,
         "sources": {"subscribers.c": {
-            "after": null, "done": false, "rewrapped": 0, "skipped_changed": 0, "failed": 0,
+            "location": "subscribers.c", "after": null, "done": false, "rewrapped": 0, "skipped_changed": 0, "failed": 0,
             // One string holding the JSON array (see rewrap::Inflight).
             "inflight": {"rows": Value::Array(inflight).to_string()}
         }}
@@ -901,4 +901,37 @@ fn a_second_concurrent_rewrap_takes_over_and_no_row_is_harmed() {
     for (pk, p) in datakeys::decrypt(&v, &key, &after) {
         assert_eq!(p.unwrap(), seeded[&pk]);
     }
+}
+
+/// A checkpoint whose source id now points at another table (the policy changed between runs)
+/// is not resumed from: its `after` key means nothing in the new table.
+#[test]
+fn progress_recorded_for_another_table_is_not_carried_over() {
+    let bao = Bao::shared();
+    let v = datakeys::vault(bao);
+    let key = datakeys::key(bao, "moved", 1, &[]);
+    let t = Table::new(Kind::Sqlite, false);
+    datakeys::seed(&v, &key, &t, 10, &[1]);
+    bao.cli_ok(&["write", "-f", &format!("transit/keys/{key}/rotate")]);
+    let cp = serde_json::json!({"data": {
+        "target_version": 2, "started_at": "2026-01-01T00:00:00Z",
+        "updated_at": "2026-01-01T00:00:00Z", "runs": 1,
+        "sources": {"subscribers.c": {
+            "location": "old_subscribers.c", "after": 9, "done": false,
+            "rewrapped": 9, "skipped_changed": 0, "failed": 0
+        }}
+    }});
+    let f = t.dir.path().join("cp.json");
+    std::fs::write(&f, cp.to_string()).unwrap();
+    bao.cli_ok(&[
+        "write",
+        &format!("secret/data/keyroll/rewrap/transit/{key}"),
+        &format!("@{}", f.display()),
+    ]);
+    let policy = t.policy(&key, "");
+    let (code, out, err) = run(&mut t.keyroll(bao, &policy, &["-o", "json", "rewrap"]));
+    assert_eq!(code, 0, "{out}\n{err}");
+    let s = &json(&out)[0]["sources"][0];
+    assert_eq!(s["rewrapped"], 10, "{s}");
+    assert_eq!(below(&t.rows(), 2), 0);
 }
