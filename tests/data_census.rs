@@ -6,8 +6,9 @@ mod common;
 
 use std::collections::BTreeMap;
 
+use common::datakeys::run;
 use common::datakeys::{self, Kind, Table};
-use common::{run, Bao};
+use common::Bao;
 use serde_json::Value;
 
 /// A table with a known mix: 7 rows at v1, 5 at v2, 3 at v3 (latest), one other key's

@@ -12,9 +12,10 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+use common::datakeys::run;
 use common::datakeys::{self, b64, rt, version_of, versions, Kind, Table};
 use common::pg::Pg;
-use common::{run, Bao};
+use common::Bao;
 use keyroll::vault::datakey::RewrapItem;
 use keyroll::KeyName;
 use rand::Rng as _;
@@ -253,8 +254,8 @@ fn sigkill_mid_run_resumes_without_redoing_or_losing_work(kind: Kind) {
                 .is_some_and(|n| n >= last_done + 1000)
         });
         child.kill().unwrap(); // SIGKILL
-        let status = child.wait().unwrap();
-        assert!(!status.success());
+        let (code, _, _) = datakeys::finish(child);
+        assert_ne!(code, 0);
         let c = checkpoint(bao, &key).unwrap();
         assert!(
             c["finished_at"].is_null(),
@@ -833,12 +834,8 @@ fn sigterm_stops_after_the_current_page_and_the_next_run_resumes() {
         .unwrap()
         .success();
     assert!(ok);
-    let out = child.wait_with_output().unwrap();
-    let (stdout, stderr) = (
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr),
-    );
-    assert_eq!(out.status.code(), Some(1), "{stdout}\n{stderr}");
+    let (code, stdout, stderr) = datakeys::finish(child);
+    assert_eq!(code, 1, "{stdout}\n{stderr}");
     assert!(
         stderr.contains("interrupted; run keyroll rewrap again to resume"),
         "{stderr}"
@@ -889,9 +886,8 @@ fn a_second_concurrent_rewrap_takes_over_and_no_row_is_harmed() {
     });
     let (code, out, err) = run(&mut t.keyroll(bao, &policy, &["-o", "json", "rewrap"]));
     assert_eq!(code, 0, "{out}\n{err}");
-    let slow = slow.wait_with_output().unwrap();
-    let slow_err = String::from_utf8_lossy(&slow.stderr);
-    assert_eq!(slow.status.code(), Some(1), "{slow_err}");
+    let (slow_code, _, slow_err) = datakeys::finish(slow);
+    assert_eq!(slow_code, 1, "{slow_err}");
     assert!(
         slow_err.contains("another keyroll rewrap took over"),
         "{slow_err}"

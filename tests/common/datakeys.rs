@@ -354,3 +354,56 @@ pub fn versions(rows: &BTreeMap<i64, Option<String>>) -> BTreeMap<Option<u32>, u
     }
     out
 }
+
+/// How long a keyroll command in the data tests may take before the test kills it and fails
+/// (a hang must fail the suite, not stall it).
+pub const COMMAND_DEADLINE: std::time::Duration = std::time::Duration::from_secs(300);
+
+/// Runs a command like `common::run` — (exit code, stdout, stderr) — but kills it and panics
+/// after [`COMMAND_DEADLINE`].
+pub fn run(cmd: &mut Command) -> (i32, String, String) {
+    use std::process::Stdio;
+    finish(
+        cmd.stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("spawn"),
+    )
+}
+
+/// Waits for a child spawned with piped stdout and stderr, at most [`COMMAND_DEADLINE`].
+pub fn finish(mut child: std::process::Child) -> (i32, String, String) {
+    use std::io::Read as _;
+    let mut out = child.stdout.take().expect("piped stdout");
+    let mut err = child.stderr.take().expect("piped stderr");
+    let o = std::thread::spawn(move || {
+        let mut s = String::new();
+        let _ = out.read_to_string(&mut s);
+        s
+    });
+    let e = std::thread::spawn(move || {
+        let mut s = String::new();
+        let _ = err.read_to_string(&mut s);
+        s
+    });
+    let deadline = std::time::Instant::now() + COMMAND_DEADLINE;
+    let status = loop {
+        if let Some(s) = child.try_wait().unwrap() {
+            break s;
+        }
+        if std::time::Instant::now() > deadline {
+            let _ = child.kill();
+            let _ = child.wait();
+            panic!(
+                "keyroll did not finish within {COMMAND_DEADLINE:?}; stderr:\n{}",
+                e.join().unwrap_or_default()
+            );
+        }
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    };
+    (
+        status.code().unwrap_or(-1),
+        o.join().unwrap_or_default(),
+        e.join().unwrap_or_default(),
+    )
+}
