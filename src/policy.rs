@@ -85,6 +85,9 @@ struct RawKey {
     keep_versions: Option<Spanned<i64>>,
     retain_for: Option<Spanned<String>>,
     dispose_after: Option<Spanned<String>>,
+    /// `[[keys.data]]`: where this key's ciphertexts are stored (validated in `datasource`).
+    #[serde(default)]
+    data: Vec<Spanned<crate::datasource::RawDataSource>>,
 }
 
 /// Where keyroll keeps its own small state in a KV v2 mount: per-key locks and the times Vault
@@ -148,6 +151,8 @@ pub struct Policy {
     pub keys: Vec<KeyPolicy>,
     pub audit: Option<AuditSettings>,
     pub notify: NotifySettings,
+    /// Data sources per key, for census and rewrap; keys without any are absent.
+    pub data: crate::datasource::PolicyData,
 }
 
 impl Policy {
@@ -181,10 +186,24 @@ impl Policy {
             .at(extra.span())));
         }
         let mut keys = Vec::with_capacity(raw.keys.len());
+        let mut data = crate::datasource::PolicyData::new();
         for spanned in raw.keys {
             let line = lines.line(spanned.span().start);
-            let key = merge_key(&defaults, spanned.into_inner(), line)
+            let mut k = spanned.into_inner();
+            let raw_data = std::mem::take(&mut k.data);
+            let key = merge_key(&defaults, k, line)
                 .map_err(|e| e.into_config(path, &lines, line))?;
+            let sources =
+                crate::datasource::from_raw(&key.name, key.key_type, raw_data, &lines, path)
+                    .map_err(|(l, f, r)| ConfigError::Invalid {
+                        path: path.to_path_buf(),
+                        line: l,
+                        field: f.to_string(),
+                        reason: r,
+                    })?;
+            if !sources.is_empty() {
+                data.insert((key.mount.clone(), key.name.to_string()), sources);
+            }
             keys.push(key);
         }
         check_duplicates(&keys).map_err(|(line, e)| e.into_config(path, &lines, line))?;
@@ -204,11 +223,20 @@ impl Policy {
             keys,
             audit,
             notify,
+            data,
         })
     }
 
     pub fn key(&self, name: &str) -> Option<&KeyPolicy> {
         self.keys.iter().find(|k| k.name.as_str() == name)
+    }
+
+    /// The key's `[[keys.data]]` sources (empty when it has none).
+    pub fn data_sources(&self, k: &KeyPolicy) -> &[crate::datasource::DataSource] {
+        self.data
+            .get(&(k.mount.clone(), k.name.to_string()))
+            .map(Vec::as_slice)
+            .unwrap_or(&[])
     }
 }
 
@@ -319,6 +347,13 @@ impl KeyDefaults {
                 "a name cannot have a default; give each [[keys]] entry its own",
             )
             .at(n.span()));
+        }
+        if let Some(first) = d.data.first() {
+            return Err(FieldError::new(
+                "defaults.data",
+                "data sources belong to one [[keys]] entry; write [[keys.data]] after it",
+            )
+            .at(first.span()));
         }
         Ok(KeyDefaults {
             mount: d

@@ -25,7 +25,7 @@ pub struct Cli {
     )]
     pub config: PathBuf,
 
-    /// Output format for plan, apply, rotate, status and inventory.
+    /// Output format for plan, apply, rotate, status, inventory, census and rewrap.
     #[arg(short = 'o', long, env = "KEYROLL_OUTPUT", value_enum, default_value_t = Output::Text, global = true)]
     pub output: Output,
 
@@ -121,6 +121,15 @@ pub enum Command {
         #[arg(long)]
         mount: Vec<String>,
     },
+    /// Count stored ciphertexts per key version in each [[keys.data]] source; record the
+    /// result in Vault (KV, beside keyroll's state).
+    Census {
+        /// Key(s) to count (NAME or MOUNT/NAME; default: every key with [[keys.data]]).
+        keys: Vec<String>,
+    },
+    /// Rewrap stored ciphertexts below each key's latest version (transit batch rewrap,
+    /// compare-and-swap writes); resumable, rate-limited.
+    Rewrap(crate::data::RewrapArgs),
     /// Daemon: apply every interval until SIGTERM (which finishes the key in progress).
     Run {
         /// Time between passes (else [run] interval, default 1h).

@@ -77,6 +77,8 @@ pub async fn run(cli: Cli) -> anyhow::Result<u8> {
             status(&cli, &policy, parse_at(at.as_deref())?, grace).await
         }
         Command::Inventory { mount } => inventory(&cli, &policy, mount).await,
+        Command::Census { keys } => crate::data::census_cmd(&cli, &policy, keys).await,
+        Command::Rewrap(args) => crate::data::rewrap_cmd(&cli, &policy, args).await,
         Command::Run { interval } => {
             let interval = match interval {
                 Some(s) => Span::parse(s)
@@ -106,7 +108,7 @@ fn parse_at(at: Option<&str>) -> Result<Timestamp, UsageError> {
     }
 }
 
-async fn connect(cli: &Cli, policy: &Policy) -> anyhow::Result<Vault> {
+pub(crate) async fn connect(cli: &Cli, policy: &Policy) -> anyhow::Result<Vault> {
     let flags = ClientOverrides {
         address: cli.vault.vault_addr.clone(),
         namespace: cli.vault.namespace.clone(),

@@ -23,6 +23,7 @@ pub mod auth;
 mod backoff;
 pub mod client;
 pub mod clock;
+pub mod datakey;
 pub mod error;
 pub mod http;
 pub mod kv;

@@ -17,6 +17,8 @@ use serde_json::Value;
 pub mod approle;
 pub mod faultproxy;
 pub mod keyroll;
+pub mod datakeys;
+pub mod pg;
 pub mod sidecar;
 
 /// Repository root (the root crate's manifest dir).
