@@ -16,6 +16,7 @@ use serde_json::Value;
 
 pub mod approle;
 pub mod faultproxy;
+pub mod raft;
 pub mod sidecar;
 
 /// Repository root (the root crate's manifest dir).
