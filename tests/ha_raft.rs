@@ -509,3 +509,85 @@ fn two_daemons_on_different_followers_rotate_each_key_once_per_schedule() {
         "both daemons took part: {both:?}"
     );
 }
+
+#[test]
+fn a_follower_without_a_leader_makes_the_sidecar_degraded_within_one_poll() {
+    let _one = serial();
+    let mut cluster = Cluster::start(3);
+    let leader = cluster.leader().expect("leader");
+    let follower = (0..3).find(|i| *i != leader).unwrap();
+    let other = (0..3).find(|i| *i != leader && *i != follower).unwrap();
+    cluster.cli_ok(
+        leader,
+        &["write", "-f", "transit/keys/lonely", "exportable=true"],
+    );
+    let dir = workdir();
+    let poll = 1.0;
+    // One sidecar knows every node, one only the follower that will be left alone.
+    let mut sidecars = Vec::new();
+    for (label, addresses) in [
+        ("all", toml_list(&cluster.addresses())),
+        ("follower", format!("\"{}\"", cluster.nodes[follower].addr)),
+    ] {
+        let out = dir.path().join(format!("out-{label}"));
+        let port = free_port();
+        let cfg = dir.path().join(format!("{label}.toml"));
+        std::fs::write(
+            &cfg,
+            format!(
+                "output_dir = \"{}\"\npoll_interval = \"{poll}s\"\npoll_jitter = \"0%\"\n[listen]\naddress = \"127.0.0.1:{port}\"\n\
+                 [vault]\naddress = {addresses}\ntimeout = \"3s\"\n[[keys]]\nname = \"lonely\"\nformat = \"keyring-json\"\n",
+                out.display()
+            ),
+        )
+        .unwrap();
+        let p = sidecar(&cluster, &cfg, dir.path().join(format!("{label}.log")));
+        wait_for(Duration::from_secs(60), || get(port, "/healthz").0 == 200)
+            .unwrap_or_else(|| panic!("{label} sidecar not healthy: {}", p.logs()));
+        sidecars.push((label, port, out, p));
+    }
+    let before: Vec<_> = sidecars.iter().map(|s| snapshot(&s.2)).collect();
+
+    // Only the follower is left: it answers reads but has no leader and cannot get one.
+    let stopped_at = Instant::now();
+    cluster.kill(leader);
+    cluster.kill(other);
+    for (label, port, _, p) in &sidecars {
+        wait_for(Duration::from_secs(60), || get(*port, "/healthz").0 == 503)
+            .unwrap_or_else(|| panic!("{label}: never degraded: {}", p.logs()));
+        let took = stopped_at.elapsed().as_secs_f64();
+        eprintln!("{label}: degraded {took:.2}s after the follower lost its leader");
+        // One poll, plus the probes' own time on a loaded machine.
+        assert!(
+            took <= poll + SLACK,
+            "{label}: degraded only after {took:.2}s"
+        );
+        let (_, health) = get(*port, "/healthz");
+        assert!(health.contains("no active Vault node"), "{label}: {health}");
+        assert_eq!(
+            metric(*port, "keyroll_sidecar_vault_up"),
+            Some(0.0),
+            "{label}"
+        );
+    }
+    std::thread::sleep(Duration::from_secs(2));
+    for (s, b) in sidecars.iter().zip(&before) {
+        assert_eq!(snapshot(&s.2), *b, "{}: files changed while degraded", s.0);
+    }
+
+    // The others come back: a leader again, both sidecars healthy and catching up.
+    cluster.restart(leader);
+    cluster.restart(other);
+    let l = cluster.wait_leader(Duration::from_secs(60));
+    cluster.cli_ok(l, &["write", "-f", "transit/keys/lonely/rotate"]);
+    for (label, port, out, p) in &sidecars {
+        wait_for(Duration::from_secs(60), || {
+            get(*port, "/healthz").0 == 200
+                && std::fs::read_to_string(out.join("lonely.keyring.json"))
+                    .ok()
+                    .and_then(|t| serde_json::from_str::<Value>(&t).ok())
+                    .is_some_and(|j| j["active_version"] == 2)
+        })
+        .unwrap_or_else(|| panic!("{label}: did not recover: {}", p.logs()));
+    }
+}

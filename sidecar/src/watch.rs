@@ -270,6 +270,15 @@ impl Watcher {
     /// Reads every key's metadata and exports those whose fingerprint changed.
     async fn read_vault(&mut self) -> PassResult {
         let mut result = PassResult::default();
+        // One sys/health first (more only when the node in use is not active): a follower that
+        // lost its leader still answers reads, from state nobody can update. That is an outage.
+        let cluster = self.vault.cluster_health().await;
+        if cluster.is_degraded() {
+            let msg = cluster.to_string();
+            tracing::warn!(error = %msg, "Vault unavailable; keeping the last good files");
+            self.shared.with(|s| s.error("vault"));
+            result.vault_error = Some(msg);
+        }
         let ids: Vec<KeyId> = {
             let mut seen = BTreeSet::new();
             self.cfg
