@@ -22,7 +22,7 @@
 
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use reqwest::header::{HeaderMap, HeaderValue};
 use reqwest::Method;
@@ -34,7 +34,7 @@ use url::Url;
 use super::auth::Tokens;
 use super::backoff::Backoff;
 use super::clock::{self, Clock, ClockSkew};
-use super::cluster::{Locator, NoNode, CLUSTER_ATTEMPTS};
+use super::cluster::{election_poll, Locator, NoNode, CLUSTER_ATTEMPTS, CLUSTER_WAIT};
 use super::consistency::LastIndex;
 use super::error::VaultError;
 use super::http::{
@@ -137,9 +137,11 @@ impl Vault {
             }),
         };
         if vault.inner.nodes.len() > 1 {
+            // Its probes are the health check (sealed, down, uninitialised say why).
             vault.locate_at_start().await?;
+        } else {
+            vault.health().await?;
         }
-        vault.health().await?;
         vault.login().await?;
         Ok(vault)
     }
@@ -255,6 +257,9 @@ impl Vault {
         let (mut attempts, mut redirects) = (0u32, 0u32);
         // Nodes that let this request time out: it is never sent to them again.
         let mut timed_out = vec![false; nodes.len()];
+        // When this request started waiting for an active node (several addresses only).
+        let mut waiting_since: Option<Instant> = None;
+        let mut poll = election_poll();
         loop {
             attempts += 1;
             let url = nodes[node]
@@ -347,34 +352,39 @@ impl Vault {
                     if !resend || attempts >= max_attempts {
                         return outcome;
                     }
-                    let wait = backoff.next();
                     tracing::debug!(
                         method = %method,
                         path,
                         node = %addr,
                         attempt = attempts,
-                        retry_in_ms = wait.as_millis() as u64,
                         what = %describe(&outcome),
                         "Vault request failed; retrying"
                     );
-                    tokio::time::sleep(wait).await;
-                    if cluster {
-                        // Only to a node that answers as active; wait for one while the budget
-                        // lasts (an election), fail at once when none can come (all down).
-                        node = loop {
-                            match self.relocate(node).await {
-                                Ok(i) if timed_out[i] => return outcome,
-                                Ok(i) => break i,
-                                Err(NoNode::Fail(e)) => return Err(e),
-                                Err(NoNode::Wait(seen)) => {
-                                    attempts += 1;
-                                    if attempts >= max_attempts {
-                                        return Err(self.no_active_node(seen));
-                                    }
-                                    tokio::time::sleep(backoff.next()).await;
+                    if !cluster {
+                        tokio::time::sleep(backoff.next()).await;
+                        continue;
+                    }
+                    // Only to a node that answers as active: at once when that is another node
+                    // (failover), after a backoff when it is the same one; while none is active,
+                    // wait for up to CLUSTER_WAIT in all (an election); fail at once when none
+                    // can come (all down or sealed).
+                    let failed = node;
+                    node = loop {
+                        match self.relocate(failed).await {
+                            Ok(i) if timed_out[i] => return outcome,
+                            Ok(i) => break i,
+                            Err(NoNode::Fail(e)) => return Err(e),
+                            Err(NoNode::Wait(seen)) => {
+                                let since = *waiting_since.get_or_insert_with(Instant::now);
+                                if since.elapsed() >= CLUSTER_WAIT {
+                                    return Err(self.no_active_node(seen));
                                 }
+                                tokio::time::sleep(poll.next()).await;
                             }
-                        };
+                        }
+                    };
+                    if node == failed {
+                        tokio::time::sleep(backoff.next()).await;
                     }
                 }
             }
@@ -458,6 +468,7 @@ impl Vault {
         let url = base
             .join("v1/sys/health?standbyok=true&perfstandbyok=true")
             .map_err(|e| VaultError::Config(e.to_string()))?;
+        tracing::trace!(path = "sys/health", node = %addr, "vault probe");
         let a = self
             .inner
             .transport

@@ -5,8 +5,8 @@
 //! a way that says "this node cannot serve" (no connection, sealed, 503, a redirect to a dead
 //! leader), every configured node is probed with the unauthenticated `sys/health` and the
 //! request moves to the one that answers as active; while none does but some standby is up (an
-//! election in progress), the request waits with backoff for up to [`CLUSTER_ATTEMPTS`]
-//! attempts, then fails as unavailable. Nothing is ever read from a node chosen while it was a
+//! election in progress), the request keeps probing (at most every [`ELECTION_POLL_MAX`]) for
+//! up to [`CLUSTER_WAIT`], then fails as unavailable. Nothing is ever read from a node chosen while it was a
 //! standby, so no decision is made on a follower's stale state. Probes are single-flight: a
 //! burst of failing requests causes one round of probes.
 //!
@@ -28,10 +28,17 @@ use super::http::origin;
 pub const MAX_PROBE_TIMEOUT: Duration = Duration::from_secs(5);
 /// A round of probes younger than this is reused instead of probing again.
 pub const PROBE_REUSE: Duration = Duration::from_millis(250);
-/// Attempts per request (or at start) while looking for an active node among several, the
-/// first included. With the client's backoff (0.2 s doubling to 2 s) this waits about 15 s:
-/// longer than an OpenBao Raft election with default timers (about 8 s measured on loopback).
-pub const CLUSTER_ATTEMPTS: u32 = 10;
+/// Attempts per request against several addresses, the first included (sends, not probes): a
+/// few more than for one address, as a failover may cost one or two.
+pub const CLUSTER_ATTEMPTS: u32 = 6;
+/// How long a request (or connecting) waits for an active node while only standbys answer:
+/// longer than an OpenBao Raft election with default timers (about 8 s on an idle loopback
+/// cluster, 13-17 s measured on a loaded 2-core machine), short enough that a pass reports a
+/// cluster that lost its quorum.
+pub const CLUSTER_WAIT: Duration = Duration::from_secs(20);
+/// Longest pause between two rounds of probes while waiting for an election: once a leader
+/// serves, requests move to it within about this long.
+pub const ELECTION_POLL_MAX: Duration = Duration::from_millis(500);
 
 /// What one node said about itself.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -155,6 +162,11 @@ fn verdict(nodes: &[Url], states: &[NodeState]) -> Verdict {
     })
 }
 
+/// The pacing of probe rounds while waiting for an election.
+pub(crate) fn election_poll() -> super::backoff::Backoff {
+    super::backoff::Backoff::new(super::client::RETRY_BACKOFF_INITIAL, ELECTION_POLL_MAX)
+}
+
 /// The address a standby names as its leader, if it is a URL.
 fn leader_url(s: &NodeState) -> Option<Url> {
     match s {
@@ -271,13 +283,17 @@ impl Vault {
     }
 
     /// At connect time with several addresses: finds the active node, waiting through an
-    /// election for up to [`CLUSTER_ATTEMPTS`] rounds.
+    /// election for up to [`CLUSTER_WAIT`]. The first address is asked first, alone:
+    /// when it is the active node (list it first), connecting costs the one `sys/health` a
+    /// single address costs.
     pub(crate) async fn locate_at_start(&self) -> Result<(), VaultError> {
-        let mut backoff = super::backoff::Backoff::new(
-            super::client::RETRY_BACKOFF_INITIAL,
-            super::client::RETRY_BACKOFF_MAX,
-        );
-        for attempt in 1..=CLUSTER_ATTEMPTS {
+        if self.probe(&self.inner.nodes[0], false).await == NodeState::Active {
+            self.set_node(0);
+            return Ok(());
+        }
+        let mut poll = election_poll();
+        let started = Instant::now();
+        loop {
             let states = self.probe_all().await;
             match verdict(&self.inner.nodes, &states) {
                 Verdict::Use(i) => {
@@ -286,16 +302,15 @@ impl Vault {
                     return Ok(());
                 }
                 Verdict::Fail(e) => return Err(e),
-                Verdict::Wait(d) if attempt == CLUSTER_ATTEMPTS => {
+                Verdict::Wait(d) if started.elapsed() >= CLUSTER_WAIT => {
                     return Err(self.no_active_node(d));
                 }
                 Verdict::Wait(d) => {
                     tracing::info!(nodes = %d, "no active Vault node yet; waiting");
-                    tokio::time::sleep(backoff.next()).await;
+                    tokio::time::sleep(poll.next()).await;
                 }
             }
         }
-        unreachable!("the loop returns on its last attempt")
     }
 
     pub(crate) fn no_active_node(&self, detail: String) -> VaultError {

@@ -291,14 +291,19 @@ impl Cluster {
             .map(|v| v["data"].clone())
     }
 
-    /// When node `i` last became the active node, from its log ("acquired lock, enabling active
-    /// operation"), as Unix seconds.
+    /// When node `i` last started serving as the active node, from its log: the first "core:
+    /// post-unseal setup complete" after its last "acquired lock, enabling active operation"
+    /// (the end of the election as clients see it), as Unix seconds.
     pub fn became_active_at(&self, i: usize) -> Option<f64> {
         let text = std::fs::read_to_string(&self.nodes[i].log).ok()?;
-        text.lines()
-            .rev()
-            .filter(|l| l.contains("acquired lock, enabling active operation"))
-            .find_map(log_time)
+        let lines: Vec<&str> = text.lines().collect();
+        let won = lines
+            .iter()
+            .rposition(|l| l.contains("acquired lock, enabling active operation"))?;
+        lines[won..]
+            .iter()
+            .find(|l| l.contains("post-unseal setup complete"))
+            .and_then(|l| log_time(l))
     }
 
     pub fn dir(&self) -> &Path {
