@@ -23,6 +23,42 @@ pub const DEFAULT_VAULT_TIMEOUT_SECS: u64 = 30;
 /// header) before keyroll refuses to change anything. Schedules are days; 30 s is noise there,
 /// while a clock minutes off is a broken NTP worth stopping for.
 pub const DEFAULT_MAX_CLOCK_SKEW_SECS: u64 = 30;
+/// Most Vault addresses one `[vault] address` may list (Raft clusters have 3, 5 or 7 nodes).
+pub const MAX_VAULT_ADDRESSES: usize = 16;
+
+/// Splits a Vault address list (`"https://a:8200, https://b:8200"`), checking each entry is a
+/// URL and none repeats. Used for the config file and, by the client, for the environment.
+pub fn split_vault_addresses(list: &str) -> Result<Vec<url::Url>, String> {
+    let mut out: Vec<url::Url> = Vec::new();
+    for (i, part) in list.split(',').map(str::trim).enumerate() {
+        if part.is_empty() {
+            return Err(format!(
+                "entry {} of {list:?} is empty; separate addresses with single commas",
+                i + 1
+            ));
+        }
+        let u = url::Url::parse(part).map_err(|e| format!("{part:?} is not a URL: {e}"))?;
+        if out.iter().any(|o| o.origin() == u.origin()) {
+            return Err(format!("{part:?} is listed twice"));
+        }
+        out.push(u);
+    }
+    if out.len() > MAX_VAULT_ADDRESSES {
+        return Err(format!(
+            "{} addresses; at most {MAX_VAULT_ADDRESSES} are accepted",
+            out.len()
+        ));
+    }
+    Ok(out)
+}
+
+/// `address = "https://a:8200"`, `"https://a:8200,https://b:8200"` or a list of strings.
+#[derive(Debug, Deserialize, Clone)]
+#[serde(untagged)]
+enum RawAddresses {
+    One(String),
+    Many(Vec<String>),
+}
 /// Default timeout for a notifier (webhook POST, SMTP session).
 pub const DEFAULT_NOTIFY_TIMEOUT_SECS: u64 = 10;
 
@@ -250,7 +286,7 @@ fn resolve(base: &Path, p: PathBuf) -> PathBuf {
 #[derive(Debug, Deserialize, Default, Clone)]
 #[serde(deny_unknown_fields)]
 pub struct RawVault {
-    address: Option<Spanned<String>>,
+    address: Option<Spanned<RawAddresses>>,
     namespace: Option<String>,
     ca_cert: Option<PathBuf>,
     timeout: Option<Spanned<String>>,
@@ -299,15 +335,27 @@ impl VaultSettings {
 
     /// As [`VaultSettings::from_raw`], with the span of the offending value.
     pub fn from_raw_at(raw: RawVault, base: &Path) -> Result<Self, FieldError> {
-        if let Some(a) = &raw.address {
-            url::Url::parse(a.get_ref()).map_err(|e| {
-                FieldError::new(
-                    "vault.address",
-                    format!("{:?} is not a URL: {e}", a.get_ref()),
-                )
-                .at(a.span())
-            })?;
-        }
+        // Several addresses (a Raft cluster's nodes) are kept as one comma-separated string.
+        let address = match raw.address {
+            None => None,
+            Some(spanned) => {
+                let span = spanned.span();
+                let at = |r: String| FieldError::new("vault.address", r).at(span.clone());
+                let joined = match spanned.into_inner() {
+                    RawAddresses::One(a) => a,
+                    RawAddresses::Many(list) => {
+                        if list.iter().any(|a| a.contains(',')) {
+                            return Err(at(
+                                "a list entry contains a comma; give one address per entry".into(),
+                            ));
+                        }
+                        list.join(",")
+                    }
+                };
+                split_vault_addresses(&joined).map_err(at)?;
+                Some(joined)
+            }
+        };
         let timeout = raw
             .timeout
             .as_ref()
@@ -351,7 +399,7 @@ impl VaultSettings {
             })
             .transpose()?;
         Ok(VaultSettings {
-            address: raw.address.map(Spanned::into_inner),
+            address,
             namespace: raw.namespace,
             ca_cert: raw.ca_cert.map(|p| resolve(base, p)),
             timeout,
@@ -545,6 +593,54 @@ impl NotifySettings {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn vault(toml_text: &str) -> Result<VaultSettings, (&'static str, String)> {
+        let raw: RawVault = toml::from_str(toml_text).unwrap();
+        VaultSettings::from_raw(raw, Path::new("/etc/keyroll"))
+    }
+
+    #[test]
+    fn several_vault_addresses_as_a_list_or_a_comma_string() {
+        let a = vault("address = [\"https://a:8200\", \"https://b:8200\"]").unwrap();
+        assert_eq!(a.address.as_deref(), Some("https://a:8200,https://b:8200"));
+        let b = vault("address = \"https://a:8200, https://b:8200\"").unwrap();
+        assert_eq!(
+            split_vault_addresses(b.address.as_deref().unwrap())
+                .unwrap()
+                .len(),
+            2
+        );
+        for (bad, why) in [
+            ("address = \"https://a:8200,,https://b:8200\"", "empty"),
+            (
+                "address = [\"https://a:8200\", \"https://a:8200/\"]",
+                "twice",
+            ),
+            ("address = [\"https://a:8200,https://b:8200\"]", "comma"),
+            ("address = \"a b\"", "not a URL"),
+        ] {
+            let (field, reason) = vault(bad).unwrap_err();
+            assert_eq!(field, "vault.address");
+            assert!(reason.contains(why), "{bad}: {reason}");
+        }
+        let many: Vec<String> = (0..=MAX_VAULT_ADDRESSES)
+            .map(|i| format!("\"https://n{i}:8200\""))
+            .collect();
+        let (_, reason) = vault(&format!("address = [{}]", many.join(","))).unwrap_err();
+        assert!(reason.contains("at most"), "{reason}");
+    }
+
+    #[test]
+    fn vault_timeout_and_clock_skew_bounds_are_enforced() {
+        assert!(vault("timeout = \"600s\"").is_ok());
+        assert_eq!(vault("timeout = \"601s\"").unwrap_err().0, "vault.timeout");
+        assert!(vault("max_clock_skew = \"2s\"").is_ok());
+        assert!(vault("max_clock_skew = \"1h\"").is_ok());
+        for bad in ["1s", "61m"] {
+            let e = vault(&format!("max_clock_skew = \"{bad}\"")).unwrap_err();
+            assert_eq!(e.0, "vault.max_clock_skew");
+        }
+    }
 
     #[test]
     fn line_col_is_one_based() {

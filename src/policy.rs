@@ -191,8 +191,8 @@ impl Policy {
             let line = lines.line(spanned.span().start);
             let mut k = spanned.into_inner();
             let raw_data = std::mem::take(&mut k.data);
-            let key = merge_key(&defaults, k, line)
-                .map_err(|e| e.into_config(path, &lines, line))?;
+            let key =
+                merge_key(&defaults, k, line).map_err(|e| e.into_config(path, &lines, line))?;
             let sources =
                 crate::datasource::from_raw(&key.name, key.key_type, raw_data, &lines, path)
                     .map_err(|(l, f, r)| ConfigError::Invalid {

@@ -10,7 +10,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-use common::faultproxy::{Fault, FaultProxy};
+use common::faultproxy::{Fault, FaultProxy, Rule};
 use common::sidecar::{create_key, workdir};
 use common::{unique, Bao};
 
@@ -220,7 +220,7 @@ fn transient_read_failures_are_retried() {
         Fault::Drop,
     ] {
         let proxy = FaultProxy::start(&bao.addr);
-        proxy.add(common::faultproxy::Rule::new(
+        proxy.add(Rule::new(
             Some("GET"),
             "/v1/transit/keys/",
             fault.clone(),
@@ -287,4 +287,46 @@ fn a_one_second_clock_skew_is_accepted() {
         assert_eq!(o.code, 0, "shift {shift}: {}", o.stderr);
         assert_eq!(bao.key("transit", &name)["latest_version"], 1);
     }
+}
+
+/// A check-and-set write whose answer never came (the connection dropped before Vault saw it)
+/// used to be given up: a lock release lost that way left the key locked until `lock_ttl`, and
+/// every pass for that key waited or failed until then (seen when a Raft leader was killed). The
+/// client now reads the entry back: unchanged means the write never landed and is sent again
+/// (the version check makes a duplicate impossible); our data at the next version means it did.
+#[test]
+fn a_lock_release_whose_connection_dropped_still_releases_the_lock() {
+    let bao = Bao::shared();
+    let dir = tempfile::tempdir().unwrap();
+    let name = unique("lost-release");
+    let state = format!("keyroll-{name}");
+    let policy = dir.path().join("policy.toml");
+    std::fs::write(
+        &policy,
+        format!(
+            "[state]\npath = \"{state}\"\n[[keys]]\nname = \"{name}\"\ntype = \"aes256-gcm96\"\nrotate_every = \"30d\"\n"
+        ),
+    )
+    .unwrap();
+    let proxy = FaultProxy::start(&bao.addr);
+    let locks = format!("/v1/secret/data/{state}/locks/");
+    // The first lock write (acquire) goes through; the second (release) is dropped unread.
+    proxy.add(Rule::new(Some("POST"), &locks, Fault::Forward, Some(1)));
+    proxy.add(Rule::new(Some("POST"), &locks, Fault::Drop, Some(1)));
+    let o = keyroll(bao, &proxy.addr, &policy, &["apply"]);
+    assert_eq!(o.code, 0, "{}", o.stderr);
+    assert_eq!(
+        proxy
+            .seen()
+            .iter()
+            .filter(|r| r.path.contains(&locks) && r.status == 0)
+            .count(),
+        1,
+        "the release was dropped once"
+    );
+    let lock = bao
+        .read(&format!("secret/data/{state}/locks/transit/{name}"))
+        .expect("lock entry");
+    assert_eq!(lock["data"]["holder"], "", "the lock is still held: {lock}");
+    assert!(!o.stderr.contains("could not release lock"), "{}", o.stderr);
 }

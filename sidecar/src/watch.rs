@@ -355,6 +355,26 @@ impl Watcher {
                 .filter(|id| seen.insert(id.clone()))
                 .collect()
         };
+        // One sys/health first (more only when the node in use is not active): a follower that
+        // lost its leader still answers reads, from state nobody can update. That is an outage:
+        // keep the files, and every key keeps its previous verdict ("not checked").
+        let cluster = vault.cluster_health().await;
+        if cluster.is_degraded() {
+            let msg = cluster.to_string();
+            tracing::warn!(error = %msg, "Vault unavailable; keeping the last good files");
+            self.shared.with(|s| s.error("vault"));
+            for id in ids {
+                self.key_errors
+                    .entry(id.clone())
+                    .or_insert_with(|| format!("not checked: {msg}"));
+                if !self.material.contains_key(&id) {
+                    result.failed_keys.push(id.1.to_string());
+                }
+            }
+            result.vault_error = Some(msg);
+            self.update_key_status();
+            return;
+        }
         let keys = ids
             .into_iter()
             .map(|id| {

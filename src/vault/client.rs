@@ -7,6 +7,10 @@
 //! - a failure that certainly changed nothing (no connection, 503 sealed/standby, 429) is
 //!   retried with backoff, any method; one that may have been applied (timeout, 5xx, lost
 //!   answer) is retried only for reads, and a timeout is not repeated against the same node;
+//! - with several addresses, a retry goes to the node found active by [`super::cluster`]
+//!   (waiting through an election), and every request carries the highest `X-Vault-Index`
+//!   seen so a standby never answers from state older than keyroll's last write
+//!   ([`super::consistency`]);
 //! - a 403 with an auth method that can log in again (AppRole, token file) gets one fresh login
 //!   and one retry when Vault no longer accepts the token itself ([`Vault::request`]);
 //! - every answer's `Date` updates the clock-skew measurement, and writes are refused while it
@@ -18,7 +22,7 @@
 
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use reqwest::header::{HeaderMap, HeaderValue};
 use reqwest::Method;
@@ -30,6 +34,8 @@ use url::Url;
 use super::auth::Tokens;
 use super::backoff::Backoff;
 use super::clock::{self, Clock, ClockSkew};
+use super::cluster::{election_poll, Locator, NoNode, CLUSTER_ATTEMPTS, CLUSTER_WAIT};
+use super::consistency::LastIndex;
 use super::error::VaultError;
 use super::http::{
     is_write, origin, redirect_shown, redirect_target, send_error, status_error, Answer, Transport,
@@ -59,6 +65,8 @@ pub(crate) struct Inner {
     pub(crate) auth: AuthMethod,
     pub(crate) tokens: Tokens,
     pub(crate) clock: Clock,
+    pub(crate) locator: Locator,
+    pub(crate) index: LastIndex,
 }
 
 /// A connected, authenticated Vault client. Cheap to clone; all clones share one token.
@@ -97,9 +105,14 @@ enum Next {
 
 impl Vault {
     /// Builds the HTTP client, checks Vault answers (unreachable and sealed are clearer than a
-    /// failed login), and logs in (token, token file, or AppRole).
+    /// failed login) — with several addresses, finds the active node — and logs in (token,
+    /// token file, or AppRole).
     pub async fn connect(cfg: ClientConfig) -> Result<Self, VaultError> {
-        let nodes = vec![cfg.address];
+        let nodes = if cfg.addresses.is_empty() {
+            vec![cfg.address]
+        } else {
+            cfg.addresses
+        };
         let tls_needed = nodes.iter().any(|u| u.scheme() == "https");
         if let Some(p) = &cfg.ca_cert {
             if !p.is_file() {
@@ -119,9 +132,16 @@ impl Vault {
                 auth: cfg.auth,
                 tokens: Tokens::new(),
                 clock: Clock::new(cfg.max_clock_skew),
+                locator: Locator::default(),
+                index: LastIndex::default(),
             }),
         };
-        vault.health().await?;
+        if vault.inner.nodes.len() > 1 {
+            // Its probes are the health check (sealed, down, uninitialised say why).
+            vault.locate_at_start().await?;
+        } else {
+            vault.health().await?;
+        }
         vault.login().await?;
         Ok(vault)
     }
@@ -133,6 +153,15 @@ impl Vault {
 
     pub(crate) fn node(&self) -> usize {
         self.inner.current.load(Ordering::Relaxed) % self.inner.nodes.len()
+    }
+
+    pub(crate) fn set_node(&self, i: usize) {
+        self.inner.current.store(i, Ordering::Relaxed);
+    }
+
+    /// Every configured address, in order.
+    pub fn addresses(&self) -> Vec<String> {
+        self.inner.nodes.iter().map(|u| u.to_string()).collect()
     }
 
     /// The last measured difference between the local clock and Vault's (`None` before the
@@ -156,7 +185,7 @@ impl Vault {
             .check(&origin(&self.inner.nodes[self.node()]))
     }
 
-    fn observe(&self, a: &Answer) {
+    pub(crate) fn observe(&self, a: &Answer) {
         if let Some(m) = a
             .date
             .as_deref()
@@ -164,6 +193,14 @@ impl Vault {
         {
             self.inner.clock.record(m);
         }
+        if let Some(i) = &a.index {
+            self.inner.index.record(i);
+        }
+    }
+
+    /// Headers for an unauthenticated probe (`sys/health`, `sys/leader`).
+    pub(crate) fn probe_headers(&self) -> HeaderMap {
+        self.headers(Credential::None)
     }
 
     fn headers(&self, credential: Credential) -> HeaderMap {
@@ -183,6 +220,17 @@ impl Vault {
             }
         }
         h.insert("X-Vault-Request", HeaderValue::from_static("true"));
+        if credential == Credential::Token {
+            if let Some(i) = self.inner.index.get() {
+                if let Ok(v) = HeaderValue::from_str(i.header()) {
+                    h.insert("X-Vault-Index", v);
+                    h.insert(
+                        "X-Vault-Inconsistent",
+                        HeaderValue::from_static("forward-active-node"),
+                    );
+                }
+            }
+        }
         h
     }
 
@@ -197,10 +245,21 @@ impl Vault {
         credential: Credential,
     ) -> Result<Answer, VaultError> {
         let nodes = &self.inner.nodes;
+        let cluster = nodes.len() > 1;
+        let max_attempts = if cluster {
+            CLUSTER_ATTEMPTS
+        } else {
+            SINGLE_NODE_ATTEMPTS
+        };
         let read = !is_write(method);
         let mut backoff = Backoff::new(RETRY_BACKOFF_INITIAL, RETRY_BACKOFF_MAX);
         let mut node = self.node();
         let (mut attempts, mut redirects) = (0u32, 0u32);
+        // Nodes that let this request time out: it is never sent to them again.
+        let mut timed_out = vec![false; nodes.len()];
+        // When this request started waiting for an active node (several addresses only).
+        let mut waiting_since: Option<Instant> = None;
+        let mut poll = election_poll();
         loop {
             attempts += 1;
             let url = nodes[node]
@@ -224,7 +283,9 @@ impl Vault {
                                     redirects += 1;
                                     attempts -= 1;
                                     tracing::debug!(path, from = %addr, to = %origin(&nodes[to]), "following Vault's redirect to a configured address");
+                                    // A standby points at the active node: use it from now on.
                                     node = to;
+                                    self.set_node(to);
                                     continue;
                                 }
                                 Ok(_) => {
@@ -246,7 +307,7 @@ impl Vault {
                             }
                         }
                         // A sealed lone node stays sealed for longer than a retry waits.
-                        503 if nodes.len() == 1 && a.message().contains("sealed") => Next::Done(a),
+                        503 if !cluster && a.message().contains("sealed") => Next::Done(a),
                         // Not processed (sealed, standby, overloaded, rate-limited): safe anywhere.
                         429 | 503 => Next::Failed {
                             outcome: Ok(a),
@@ -265,7 +326,10 @@ impl Vault {
                         super::http::SendError::Connect(_) => true,
                         super::http::SendError::Lost(_) => read,
                         // The same node again would most likely stall again.
-                        super::http::SendError::Timeout => read && nodes.len() > 1,
+                        super::http::SendError::Timeout => {
+                            timed_out[node] = true;
+                            read && cluster
+                        }
                     };
                     Next::Failed {
                         outcome: Err(send_error(
@@ -285,20 +349,43 @@ impl Vault {
                     return Ok(a);
                 }
                 Next::Failed { outcome, resend } => {
-                    if !resend || attempts >= SINGLE_NODE_ATTEMPTS {
+                    if !resend || attempts >= max_attempts {
                         return outcome;
                     }
-                    let wait = backoff.next();
                     tracing::debug!(
                         method = %method,
                         path,
                         node = %addr,
                         attempt = attempts,
-                        retry_in_ms = wait.as_millis() as u64,
                         what = %describe(&outcome),
                         "Vault request failed; retrying"
                     );
-                    tokio::time::sleep(wait).await;
+                    if !cluster {
+                        tokio::time::sleep(backoff.next()).await;
+                        continue;
+                    }
+                    // Only to a node that answers as active: at once when that is another node
+                    // (failover), after a backoff when it is the same one; while none is active,
+                    // wait for up to CLUSTER_WAIT in all (an election); fail at once when none
+                    // can come (all down or sealed).
+                    let failed = node;
+                    node = loop {
+                        match self.relocate(failed).await {
+                            Ok(i) if timed_out[i] => return outcome,
+                            Ok(i) => break i,
+                            Err(NoNode::Fail(e)) => return Err(e),
+                            Err(NoNode::Wait(seen)) => {
+                                let since = *waiting_since.get_or_insert_with(Instant::now);
+                                if since.elapsed() >= CLUSTER_WAIT {
+                                    return Err(self.no_active_node(seen));
+                                }
+                                tokio::time::sleep(poll.next()).await;
+                            }
+                        }
+                    };
+                    if node == failed {
+                        tokio::time::sleep(backoff.next()).await;
+                    }
                 }
             }
         }
@@ -381,6 +468,7 @@ impl Vault {
         let url = base
             .join("v1/sys/health?standbyok=true&perfstandbyok=true")
             .map_err(|e| VaultError::Config(e.to_string()))?;
+        tracing::trace!(path = "sys/health", node = %addr, "vault probe");
         let a = self
             .inner
             .transport

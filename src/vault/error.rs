@@ -57,6 +57,10 @@ pub enum VaultError {
         target: String,
         reason: String,
     },
+    /// Several addresses are configured and none is active: an election that did not finish
+    /// in time, or a standby that lost its leader. Nothing is read from a leaderless standby.
+    #[error("no active Vault node among {addresses}: {detail}")]
+    NoActiveNode { addresses: String, detail: String },
     /// The local clock and Vault's disagree by more than `[vault] max_clock_skew`: schedules
     /// computed here would rotate, retire or trim at the wrong time, so nothing is changed.
     #[error(
@@ -94,6 +98,7 @@ impl VaultError {
                 | VaultError::Timeout { .. }
                 | VaultError::ConnectionLost { .. }
                 | VaultError::Redirect { .. }
+                | VaultError::NoActiveNode { .. }
         )
     }
 }

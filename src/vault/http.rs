@@ -32,6 +32,8 @@ pub(crate) struct Answer {
     pub status: u16,
     pub location: Option<String>,
     pub date: Option<String>,
+    /// `X-Vault-Index` (Raft-backed OpenBao), for read-after-write consistency.
+    pub index: Option<String>,
     pub body: Vec<u8>,
     /// Local time the request was sent and how long the answer took (for the clock check).
     pub sent: jiff::Timestamp,
@@ -125,7 +127,24 @@ impl Transport {
         headers: HeaderMap,
         body: Option<&Value>,
     ) -> Result<Answer, SendError> {
-        let mut req = self.client.request(method.clone(), url).headers(headers);
+        self.send_within(url, method, headers, body, self.timeout)
+            .await
+    }
+
+    /// As [`Transport::send`], with its own (shorter) timeout.
+    pub async fn send_within(
+        &self,
+        url: Url,
+        method: &Method,
+        headers: HeaderMap,
+        body: Option<&Value>,
+        timeout: Duration,
+    ) -> Result<Answer, SendError> {
+        let mut req = self
+            .client
+            .request(method.clone(), url)
+            .headers(headers)
+            .timeout(timeout);
         if let Some(b) = body {
             req = req.json(b);
         }
@@ -138,7 +157,7 @@ impl Transport {
                 .and_then(|v| v.to_str().ok())
                 .map(str::to_string)
         };
-        let (location, date) = (header("location"), header("date"));
+        let (location, date, index) = (header("location"), header("date"), header("x-vault-index"));
         let status = resp.status().as_u16();
         let mut body = Vec::new();
         while let Some(chunk) = resp.chunk().await.map_err(classify)? {
@@ -153,6 +172,7 @@ impl Transport {
             status,
             location,
             date,
+            index,
             body,
             sent,
             rtt: started.elapsed(),

@@ -1,5 +1,11 @@
 //! The KV v2 calls keyroll needs for its own state: read with version, write with
 //! check-and-set. Paths are `<mount>/data/<path>`.
+//!
+//! A check-and-set write whose outcome is unknown (answer lost, timeout, 5xx — a leader killed
+//! mid-request does this) is settled here by reading the entry back: still at the expected
+//! version means the write never landed, and sending it again is safe (the version check makes a
+//! duplicate impossible); our data at the next version means it landed. Callers (the per-key
+//! locks) so see a plain success or a plain "another writer came first".
 
 use reqwest::Method;
 use serde_json::{json, Value};
@@ -33,8 +39,50 @@ impl Vault {
     }
 
     /// Writes `data`; with `cas = Some(n)` Vault accepts the write only if the current version
-    /// is `n` (`0` = "must not exist yet"). Returns the new version.
+    /// is `n` (`0` = "must not exist yet"). Returns the new version. A check-and-set write with
+    /// an unknown outcome is settled by reading it back (see the module header).
     pub async fn kv_write(
+        &self,
+        mount: &str,
+        path: &str,
+        data: &Value,
+        cas: Option<u64>,
+    ) -> Result<u64, VaultError> {
+        match (self.kv_write_once(mount, path, data, cas).await, cas) {
+            (Err(e), Some(n)) if e.is_ambiguous() => self.settle_cas(mount, path, data, n, e).await,
+            (r, _) => r,
+        }
+    }
+
+    async fn settle_cas(
+        &self,
+        mount: &str,
+        path: &str,
+        data: &Value,
+        cas: u64,
+        unknown: VaultError,
+    ) -> Result<u64, VaultError> {
+        let current = match self.kv_read(mount, path).await {
+            Ok(c) => c,
+            Err(_) => return Err(unknown),
+        };
+        let version = current.as_ref().map(|e| e.version).unwrap_or(0);
+        match current {
+            Some(e) if e.version == cas + 1 && e.data == *data => {
+                tracing::debug!(path, version = e.version, error = %unknown, "check-and-set write landed although its answer was lost");
+                Ok(e.version)
+            }
+            _ if version == cas => {
+                tracing::debug!(path, error = %unknown, "check-and-set write did not land; sending it again");
+                self.kv_write_once(mount, path, data, Some(cas)).await
+            }
+            _ => Err(VaultError::CasMismatch {
+                path: format!("{mount}/data/{path}"),
+            }),
+        }
+    }
+
+    async fn kv_write_once(
         &self,
         mount: &str,
         path: &str,

@@ -23,6 +23,8 @@ pub mod auth;
 mod backoff;
 pub mod client;
 pub mod clock;
+pub mod cluster;
+pub mod consistency;
 pub mod datakey;
 pub mod error;
 pub mod http;
@@ -32,5 +34,6 @@ pub mod transit;
 
 pub use client::Vault;
 pub use clock::ClockSkew;
+pub use cluster::{ClusterHealth, NodeState};
 pub use error::VaultError;
 pub use settings::{AuthMethod, ClientConfig, ClientOverrides};

@@ -13,7 +13,9 @@ use secrecy::SecretString;
 use url::Url;
 
 use super::error::VaultError;
-use crate::config::{VaultSettings, DEFAULT_MAX_CLOCK_SKEW_SECS, DEFAULT_VAULT_TIMEOUT_SECS};
+use crate::config::{
+    split_vault_addresses, VaultSettings, DEFAULT_MAX_CLOCK_SKEW_SECS, DEFAULT_VAULT_TIMEOUT_SECS,
+};
 
 /// Values given on the command line; they beat environment and file.
 #[derive(Debug, Clone, Default)]
@@ -60,7 +62,10 @@ impl std::fmt::Debug for AuthMethod {
 /// Everything needed to connect, resolved and validated.
 #[derive(Debug)]
 pub struct ClientConfig {
+    /// The first (or only) address; the same as `addresses[0]`.
     pub address: Url,
+    /// Every configured address: one (a server or a load balancer) or a cluster's nodes.
+    pub addresses: Vec<Url>,
     pub namespace: Option<String>,
     pub ca_cert: Option<PathBuf>,
     pub timeout: Duration,
@@ -103,10 +108,9 @@ pub fn is_loopback(url: &Url) -> bool {
     }
 }
 
-/// Parses one Vault address and applies the "no plain http off loopback" rule.
-fn parse_address(addr: &str, allow_insecure_http: bool) -> Result<Url, VaultError> {
-    let address = Url::parse(addr)
-        .map_err(|e| VaultError::Config(format!("Vault address {addr:?} is not a URL: {e}")))?;
+/// Checks one Vault address against the "no plain http off loopback" rule.
+fn check_address(address: Url, allow_insecure_http: bool) -> Result<Url, VaultError> {
+    let addr = address.as_str().to_string();
     match address.scheme() {
         "https" => {}
         "http" => {
@@ -153,7 +157,11 @@ impl ClientConfig {
             || file.allow_insecure_http
             || first_env(env, &["KEYROLL_ALLOW_INSECURE_HTTP"])
                 .is_some_and(|v| v == "1" || v == "true");
-        let address = parse_address(&addr, allow_insecure_http)?;
+        let addresses = split_vault_addresses(&addr)
+            .map_err(|e| VaultError::Config(format!("Vault address: {e}")))?
+            .into_iter()
+            .map(|u| check_address(u, allow_insecure_http))
+            .collect::<Result<Vec<Url>, VaultError>>()?;
         let namespace = flags
             .namespace
             .clone()
@@ -222,7 +230,8 @@ impl ClientConfig {
             ));
         };
         Ok(ClientConfig {
-            address,
+            address: addresses[0].clone(),
+            addresses,
             namespace,
             ca_cert,
             timeout,
@@ -289,6 +298,38 @@ mod tests {
             &ClientOverrides::default()
         )
         .is_ok());
+    }
+
+    #[test]
+    fn several_addresses_from_the_environment_each_obey_the_http_rule() {
+        let env = env_of(&[
+            (
+                "VAULT_ADDR",
+                "https://v1:8200, https://v2:8200,https://v3:8200",
+            ),
+            ("VAULT_TOKEN", "t"),
+        ]);
+        let c = ClientConfig::resolve(&VaultSettings::default(), &env, &ClientOverrides::default())
+            .unwrap();
+        assert_eq!(c.addresses.len(), 3);
+        assert_eq!(c.address, c.addresses[0]);
+        assert_eq!(c.addresses[2].as_str(), "https://v3:8200/");
+        let env = env_of(&[
+            ("VAULT_ADDR", "https://v1:8200,http://v2:8200"),
+            ("VAULT_TOKEN", "t"),
+        ]);
+        let e = ClientConfig::resolve(&VaultSettings::default(), &env, &ClientOverrides::default())
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("refusing plain http://") && e.contains("v2"),
+            "{e}"
+        );
+        let env = env_of(&[("VAULT_ADDR", "https://v1:8200,"), ("VAULT_TOKEN", "t")]);
+        let e = ClientConfig::resolve(&VaultSettings::default(), &env, &ClientOverrides::default())
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("empty"), "{e}");
     }
 
     #[test]

@@ -32,6 +32,8 @@ pub enum Fault {
     Sealed,
     /// Answer `status` (301/302/307/308) with `Location: <to>` + the request's path and query.
     Redirect(u16, String),
+    /// Forward unchanged (to let the first of several matching requests through).
+    Forward,
     /// Forward, then replace the answer's `Date` header with the proxy's own clock shifted by
     /// this many seconds (negative: Vault's clock looks behind, i.e. ours looks fast).
     ShiftDate(i64),
@@ -318,7 +320,7 @@ fn handle(mut conn: TcpStream, up: &str, state: &Mutex<State>, stop: &AtomicBool
     };
     let mut forwarded = false;
     let status = match fault {
-        None => match forward(up, &req) {
+        None | Some(Fault::Forward) => match forward(up, &req) {
             Some(resp) => {
                 forwarded = true;
                 let _ = conn.write_all(&resp);

@@ -15,10 +15,11 @@ use std::time::{Duration, Instant};
 use serde_json::Value;
 
 pub mod approle;
+pub mod datakeys;
 pub mod faultproxy;
 pub mod keyroll;
-pub mod datakeys;
 pub mod pg;
+pub mod raft;
 pub mod sidecar;
 
 /// Repository root (the root crate's manifest dir).

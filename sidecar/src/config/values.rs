@@ -72,7 +72,6 @@ pub fn parse_bounded(s: &str, min: Duration, max: Duration) -> Result<Duration, 
     Ok(d)
 }
 
-
 /// `"0600"`, `"600"` or `"0o600"`: an octal permission mode, at most 0777.
 pub fn parse_mode(s: &str) -> Result<u32, String> {
     let digits = s.trim_start_matches("0o");
