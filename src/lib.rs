@@ -45,6 +45,7 @@ pub mod apply;
 pub mod changes;
 pub mod lock;
 pub mod observe;
+pub mod signing;
 pub mod store;
 // Data keys (issue 8): data sources, census, rewrap.
 pub mod census;

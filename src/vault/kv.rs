@@ -38,6 +38,26 @@ impl Vault {
         }
     }
 
+    /// The names directly below `path` (`LIST <mount>/metadata/<path>`); sub-directories end
+    /// in `/`. A path with nothing below it lists as empty.
+    pub async fn kv_list(&self, mount: &str, path: &str) -> Result<Vec<String>, VaultError> {
+        let full = format!("{mount}/metadata/{path}");
+        let list = reqwest::Method::from_bytes(b"LIST").expect("LIST is a valid method");
+        match self.request(list, &full, None).await {
+            Ok(Some(v)) => Ok(v
+                .pointer("/data/keys")
+                .and_then(Value::as_array)
+                .map(|a| {
+                    a.iter()
+                        .filter_map(|s| s.as_str().map(String::from))
+                        .collect()
+                })
+                .unwrap_or_default()),
+            Ok(None) | Err(VaultError::NotFound { .. }) => Ok(Vec::new()),
+            Err(e) => Err(e),
+        }
+    }
+
     /// Writes `data`; with `cas = Some(n)` Vault accepts the write only if the current version
     /// is `n` (`0` = "must not exist yet"). Returns the new version. A check-and-set write with
     /// an unknown outcome is settled by reading it back (see the module header).
