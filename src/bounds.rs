@@ -49,8 +49,9 @@ pub const MAX_KEYS: usize = 1_000_000;
 /// Requests that can run between a lock renewal and the end of the write it guards: the
 /// renewal itself and the write (keyroll renews before every write).
 pub const LOCK_REQUESTS_PER_WRITE: u32 = 2;
-/// Attempts per such request: writes are never repeated blindly; after an unclear answer
-/// keyroll re-reads, then renews again before writing again.
+/// Attempts per such request that the floor on `lock_ttl` accounts for. The Vault client does
+/// resend a write that was certainly not processed (429, 503, refused connection), but never
+/// after the lock's write deadline ([`lock_write_deadline`]): a resend cannot outlive the lock.
 pub const LOCK_ATTEMPTS_PER_REQUEST: u32 = 1;
 /// How far above that worst case `lock_ttl` must be (room for a slow host or clock drift).
 pub const LOCK_TTL_SAFETY_FACTOR: u32 = 2;
@@ -60,6 +61,14 @@ pub fn lock_write_window(vault_timeout: Duration) -> Duration {
     vault_timeout
         .saturating_mul(LOCK_REQUESTS_PER_WRITE)
         .saturating_mul(LOCK_ATTEMPTS_PER_REQUEST)
+}
+
+/// How long after a renewal was sent a guarded write may still start an attempt:
+/// `lock_ttl / LOCK_TTL_SAFETY_FACTOR`. An attempt started then ends within `[vault] timeout`,
+/// which the floor keeps at most a quarter of `lock_ttl`: every write lands while the lock is
+/// ours, with a quarter of `lock_ttl` left for clock drift between hosts.
+pub fn lock_write_deadline(lock_ttl: Duration) -> Duration {
+    lock_ttl / LOCK_TTL_SAFETY_FACTOR
 }
 
 /// The shortest `lock_ttl` accepted with this `[vault] timeout`.
@@ -78,6 +87,15 @@ mod tests {
             Duration::from_secs(120)
         );
         assert!(min_lock_ttl(MAX_VAULT_TIMEOUT) <= MAX_LOCK_TTL);
+    }
+
+    #[test]
+    fn a_write_started_by_the_deadline_ends_before_the_lock_expires() {
+        for timeout in [1, 5, 30, 600] {
+            let timeout = Duration::from_secs(timeout);
+            let ttl = min_lock_ttl(timeout);
+            assert!(lock_write_deadline(ttl) + timeout < ttl, "{timeout:?}");
+        }
     }
 
     #[test]

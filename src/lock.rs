@@ -18,11 +18,12 @@
 //! above the time a renewal plus one write can take (`crate::bounds::min_lock_ttl`). Expiry
 //! uses the wall clock; hosts sharing a policy should run NTP.
 
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use rand::Rng;
 use serde_json::{json, Value};
 
+use crate::bounds;
 use crate::duration::Span;
 use crate::policy::StateSettings;
 use crate::store::{outcome_unknown, write_cas};
@@ -191,12 +192,20 @@ impl KeyLock {
     /// every write: success means nobody took the lock over (so what this run read is still
     /// the state, as every writer holds the lock) and the write has a full `lock_ttl` ahead.
     /// [`LockError::Lost`] means another process holds the key now: write nothing more.
-    pub async fn fence(&mut self) -> Result<(), LockError> {
+    ///
+    /// Returns the Vault handle to make that write with: its write attempts (retries included)
+    /// stop at [`bounds::lock_write_deadline`] after this renewal was sent, so no write can
+    /// land after the lock might have expired.
+    pub async fn fence(&mut self) -> Result<Vault, LockError> {
         let verr = |source| LockError::Vault {
             path: self.path.clone(),
             source,
         };
         for attempt in 1..=MAX_FENCE_ATTEMPTS {
+            let sent = Instant::now();
+            let guarded = self
+                .vault
+                .until(sent + bounds::lock_write_deadline(self.ttl.std()));
             let data = json!({ "holder": self.holder, "expires": expiry(self.ttl) });
             let err = match self
                 .vault
@@ -205,7 +214,7 @@ impl KeyLock {
             {
                 Ok(v) => {
                     self.version = v;
-                    return Ok(());
+                    return Ok(guarded);
                 }
                 Err(e @ VaultError::CasMismatch { .. }) => e,
                 Err(e) if outcome_unknown(&e) => e,
@@ -222,7 +231,7 @@ impl KeyLock {
                     if e.version != self.version {
                         // Our renewal landed although its answer was lost.
                         self.version = e.version;
-                        return Ok(());
+                        return Ok(guarded);
                     }
                     tracing::warn!(lock = %self.path, error = %err, attempt, "lock renewal unclear; trying again");
                 }

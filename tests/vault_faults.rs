@@ -330,3 +330,88 @@ fn a_lock_release_whose_connection_dropped_still_releases_the_lock() {
     assert_eq!(lock["data"]["holder"], "", "the lock is still held: {lock}");
     assert!(!o.stderr.contains("could not release lock"), "{}", o.stderr);
 }
+
+/// A keyroll Vault client (library) on `addr` with the root token of `bao`.
+fn client(bao: &Bao, addr: &str) -> keyroll::vault::Vault {
+    use keyroll::config::VaultSettings;
+    use keyroll::vault::{ClientConfig, ClientOverrides, Vault};
+    let (addr, token) = (addr.to_string(), bao.token.clone());
+    let env = move |k: &str| match k {
+        "VAULT_ADDR" => Some(addr.clone()),
+        "VAULT_TOKEN" => Some(token.clone()),
+        _ => None,
+    };
+    let cfg = ClientConfig::resolve(&VaultSettings::default(), &env, &ClientOverrides::default())
+        .unwrap();
+    common::datakeys::rt()
+        .block_on(Vault::connect(cfg))
+        .unwrap()
+}
+
+fn latest_version(bao: &Bao, key: &str) -> u64 {
+    let out = bao.cli_ok(&["read", "-format=json", &format!("transit/keys/{key}")]);
+    let v: serde_json::Value = serde_json::from_str(&out).unwrap();
+    v["data"]["latest_version"].as_u64().unwrap()
+}
+
+/// A write made under a per-key lock (`KeyLock::fence` hands out a deadline-bound handle) never
+/// starts an attempt after the lock's write window: not the first one, and not a retry after a
+/// busy Vault's 503, because a retry that waited past the window could land after another run
+/// took the lock over. Before the window ends a refused write is retried as usual.
+#[test]
+fn a_lock_guarded_write_is_never_sent_after_its_window() {
+    use keyroll::vault::VaultError;
+    use keyroll::KeyName;
+    let bao = Bao::shared();
+    let proxy = FaultProxy::start(&bao.addr);
+    let vault = client(bao, &proxy.addr);
+    let rt = common::datakeys::rt();
+    let key = unique("window");
+    create_key(bao, &key, "aes256-gcm96");
+    let name = KeyName::new(&key).unwrap();
+    let rotate = format!("transit/keys/{key}/rotate");
+
+    // The window has already closed: nothing is sent at all.
+    let closed = vault.until(Instant::now());
+    let err = rt
+        .block_on(closed.rotate_key("transit", &name))
+        .unwrap_err();
+    assert!(
+        matches!(err, VaultError::WriteWindowPassed { attempts: 0, .. }),
+        "{err}"
+    );
+    assert_eq!(proxy.count(None, &rotate), 0, "the write reached the proxy");
+    // Reads through the same handle are not limited.
+    rt.block_on(closed.read_key("transit", &name)).unwrap();
+
+    // Vault refuses slowly (503 after 3 s) once; the window closes after 1 s: the retry that
+    // would follow is not sent, and the key is not rotated.
+    proxy.on(
+        &rotate,
+        Fault::SlowStatus(Duration::from_secs(3), 503, "busy".into()),
+        Some(1),
+    );
+    let err = rt
+        .block_on(
+            vault
+                .until(Instant::now() + Duration::from_secs(1))
+                .rotate_key("transit", &name),
+        )
+        .unwrap_err();
+    assert!(
+        matches!(err, VaultError::WriteWindowPassed { attempts: 1, .. }),
+        "{err}"
+    );
+    assert_eq!(proxy.count(None, &rotate), 1);
+    assert_eq!(latest_version(bao, &key), 1, "rotated after the window");
+
+    // Inside a wide window the same refusal is retried and the write goes through.
+    proxy.on(&rotate, Fault::Status(503, "busy".into()), Some(1));
+    rt.block_on(
+        vault
+            .until(Instant::now() + Duration::from_secs(600))
+            .rotate_key("transit", &name),
+    )
+    .unwrap();
+    assert_eq!(latest_version(bao, &key), 2);
+}

@@ -32,15 +32,14 @@ pub(super) async fn perform(
             exportable,
             key_size,
             ..
-        } => create(ctx, t, held, *key_type, *exportable, *key_size).await,
-        Action::Rotate { .. } => rotate(ctx, t, held).await,
+        } => create(t, held, *key_type, *exportable, *key_size).await,
+        Action::Rotate { .. } => rotate(t, held).await,
         Action::Retire {
             min_decryption_version,
             raise_min_encryption_version,
             ..
         } => {
             retire(
-                ctx,
                 t,
                 held,
                 *min_decryption_version,
@@ -54,7 +53,6 @@ pub(super) async fn perform(
             ..
         } => {
             dispose(
-                ctx,
                 t,
                 held,
                 *min_available_version,
@@ -75,38 +73,36 @@ pub(super) async fn perform(
 }
 
 async fn create(
-    ctx: &Ctx<'_>,
     t: Target<'_>,
     held: &mut KeyLock,
     key_type: KeyType,
     exportable: bool,
     key_size: Option<u32>,
 ) -> Result<Performed, Stop> {
-    held.fence().await?;
+    let vault = held.fence().await?;
     let spec = NewKey {
         key_type: key_type.as_str(),
         exportable,
         key_size,
     };
-    ctx.vault.create_key(t.mount, t.name, &spec).await?;
+    vault.create_key(t.mount, t.name, &spec).await?;
     Ok(Performed::Vault)
 }
 
-async fn rotate(ctx: &Ctx<'_>, t: Target<'_>, held: &mut KeyLock) -> Result<Performed, Stop> {
-    held.fence().await?;
-    ctx.vault.rotate_key(t.mount, t.name).await?;
+async fn rotate(t: Target<'_>, held: &mut KeyLock) -> Result<Performed, Stop> {
+    let vault = held.fence().await?;
+    vault.rotate_key(t.mount, t.name).await?;
     Ok(Performed::Vault)
 }
 
 async fn retire(
-    ctx: &Ctx<'_>,
     t: Target<'_>,
     held: &mut KeyLock,
     to: u32,
     raise_enc: Option<u32>,
 ) -> Result<Performed, Stop> {
-    held.fence().await?;
-    ctx.vault
+    let vault = held.fence().await?;
+    vault
         .configure_key(t.mount, t.name, Some(to), raise_enc)
         .await?;
     Ok(Performed::Vault)
@@ -115,20 +111,19 @@ async fn retire(
 /// Trim, after raising `min_encryption_version` where Vault requires it (two writes, each
 /// fenced; if the second fails, the next read shows the first and the plan skips it).
 async fn dispose(
-    ctx: &Ctx<'_>,
     t: Target<'_>,
     held: &mut KeyLock,
     to: u32,
     raise_enc: Option<u32>,
 ) -> Result<Performed, Stop> {
     if let Some(enc) = raise_enc {
-        held.fence().await?;
-        ctx.vault
+        let vault = held.fence().await?;
+        vault
             .configure_key(t.mount, t.name, None, Some(enc))
             .await?;
     }
-    held.fence().await?;
-    ctx.vault.trim_key(t.mount, t.name, to).await?;
+    let vault = held.fence().await?;
+    vault.trim_key(t.mount, t.name, to).await?;
     Ok(Performed::Vault)
 }
 
@@ -140,8 +135,8 @@ async fn record_created(
     reason: &str,
 ) -> Result<Performed, Stop> {
     let now = ctx.now();
-    held.fence().await?;
-    update_record(ctx.vault, ctx.state, (t.mount, t.name), |r| {
+    let vault = held.fence().await?;
+    update_record(&vault, ctx.state, (t.mount, t.name), |r| {
         stamp_missing(&mut r.created, versions.iter().copied(), now)
     })
     .await?;
@@ -158,8 +153,8 @@ async fn record_retired(
     reason: &str,
 ) -> Result<Performed, Stop> {
     let now = ctx.now();
-    held.fence().await?;
-    update_record(ctx.vault, ctx.state, (t.mount, t.name), |r| {
+    let vault = held.fence().await?;
+    update_record(&vault, ctx.state, (t.mount, t.name), |r| {
         stamp_missing(&mut r.retired, versions.iter().copied(), now)
     })
     .await?;
@@ -175,8 +170,8 @@ async fn forget_retired(
     versions: &[u32],
     reason: &str,
 ) -> Result<Performed, Stop> {
-    held.fence().await?;
-    update_record(ctx.vault, ctx.state, (t.mount, t.name), |r| {
+    let vault = held.fence().await?;
+    update_record(&vault, ctx.state, (t.mount, t.name), |r| {
         let before = r.retired.len();
         r.retired.retain(|v, _| !versions.contains(v));
         r.retired.len() != before

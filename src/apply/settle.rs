@@ -153,8 +153,8 @@ pub(super) async fn record_changes(
     if !relevant {
         return Ok(false);
     }
-    held.fence().await?;
-    let wrote = update_record(ctx.vault, ctx.state, (t.mount, t.name), |r| {
+    let vault = held.fence().await?;
+    let wrote = update_record(&vault, ctx.state, (t.mount, t.name), |r| {
         let mut changed = false;
         for c in seen {
             changed |= match *c {

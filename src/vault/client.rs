@@ -73,6 +73,8 @@ pub(crate) struct Inner {
 #[derive(Clone)]
 pub struct Vault {
     pub(crate) inner: Arc<Inner>,
+    /// No write attempt starts after this instant (see [`Vault::until`]); reads are not limited.
+    pub(crate) write_deadline: Option<Instant>,
 }
 
 impl std::fmt::Debug for Vault {
@@ -135,6 +137,7 @@ impl Vault {
                 locator: Locator::default(),
                 index: LastIndex::default(),
             }),
+            write_deadline: None,
         };
         if vault.inner.nodes.len() > 1 {
             // Its probes are the health check (sealed, down, uninitialised say why).
@@ -144,6 +147,17 @@ impl Vault {
         }
         vault.login().await?;
         Ok(vault)
+    }
+
+    /// A handle whose writes never start an attempt after `deadline` — neither the first one
+    /// nor a retry after 429/503 or a refused connection. Writes guarded by a per-key lock use
+    /// it: a retry that waited past the lock's validity could land after another run took the
+    /// lock over. Reads are unaffected; everything else is shared with `self`.
+    pub fn until(&self, deadline: Instant) -> Vault {
+        Vault {
+            inner: Arc::clone(&self.inner),
+            write_deadline: Some(deadline),
+        }
     }
 
     /// The address requests currently go to.
@@ -262,6 +276,13 @@ impl Vault {
         let mut poll = election_poll();
         loop {
             attempts += 1;
+            if !read && self.write_deadline.is_some_and(|d| Instant::now() >= d) {
+                return Err(VaultError::WriteWindowPassed {
+                    method: method.to_string(),
+                    path: path.to_string(),
+                    attempts: attempts - 1,
+                });
+            }
             let url = nodes[node]
                 .join(&format!("v1/{path}"))
                 .map_err(|e| VaultError::Config(format!("bad path {path:?}: {e}")))?;

@@ -57,6 +57,17 @@ pub enum VaultError {
         target: String,
         reason: String,
     },
+    /// A write guarded by a per-key lock was not (re)sent: the time in which the lock is
+    /// surely still ours had run out. Nothing was changed by this attempt; the next run retries.
+    #[error(
+        "{method} {path} not sent: the per-key lock's write window ran out after {attempts} \
+         attempt(s) (Vault slow or refusing); nothing changed by it, the next run retries"
+    )]
+    WriteWindowPassed {
+        method: String,
+        path: String,
+        attempts: u32,
+    },
     /// Several addresses are configured and none is active: an election that did not finish
     /// in time, or a standby that lost its leader. Nothing is read from a leaderless standby.
     #[error("no active Vault node among {addresses}: {detail}")]

@@ -19,6 +19,8 @@ use std::time::Duration;
 pub enum Fault {
     /// Answer `status` with a Vault-style `{"errors": [message]}` body; Vault never sees it.
     Status(u16, String),
+    /// As `Status`, after holding the request this long: a busy Vault that refuses slowly.
+    SlowStatus(Duration, u16, String),
     /// Forward to Vault (so a write is applied), then answer `status` anyway: the client
     /// believes the write failed although it happened.
     ForwardThenStatus(u16, String),
@@ -329,6 +331,11 @@ fn handle(mut conn: TcpStream, up: &str, state: &Mutex<State>, stop: &AtomicBool
             None => 0,
         },
         Some(Fault::Status(s, m)) => {
+            let _ = conn.write_all(&answer(s, "", &errors_body(&m)));
+            s
+        }
+        Some(Fault::SlowStatus(d, s, m)) => {
+            thread::sleep(d);
             let _ = conn.write_all(&answer(s, "", &errors_body(&m)));
             s
         }
