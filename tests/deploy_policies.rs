@@ -616,3 +616,28 @@ fn daemons_renew_their_tokens_under_the_shipped_policies() {
         assert!(bao_as(bao, t, &["token", "lookup"]).status.success());
     }
 }
+
+/// The shipped rotator policy is enough for the data-key commands: `census` (state records
+/// only) and `rewrap` (transit's rewrap endpoint) on a real SQLite table.
+#[test]
+fn rotator_policy_allows_census_and_rewrap_of_its_keys() {
+    use common::datakeys::{self, Kind, Table};
+    let bao = Bao::shared();
+    let token = rotator_token(bao);
+    let name = datakeys::key(bao, "mail-data", 2, &[]);
+    let table = Table::new(Kind::Sqlite, false);
+    let root = datakeys::vault(bao);
+    datakeys::seed(&root, &name, &table, 20, &[1, 2]);
+    let policy = table.policy(&name, "");
+    let keyroll = |args: &[&str]| {
+        let mut c = table.keyroll(bao, &policy, args);
+        c.env("VAULT_TOKEN", &token);
+        datakeys::run(&mut c)
+    };
+    let (code, out, err) = keyroll(&["census", "-o", "json"]);
+    assert_eq!(code, 0, "census: {out}\n{err}");
+    let (code, out, err) = keyroll(&["rewrap"]);
+    assert_eq!(code, 0, "rewrap: {out}\n{err}");
+    let after = datakeys::versions(&table.rows());
+    assert_eq!(after.get(&Some(2)), Some(&20), "{after:?}");
+}

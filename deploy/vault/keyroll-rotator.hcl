@@ -28,6 +28,14 @@ path "transit/keys/mail-*" {
   capabilities = ["create", "read", "update"]
 }
 
+# `keyroll rewrap` (data keys, [[keys.data]]): transit's batch rewrap re-encrypts stored
+# ciphertexts under the latest version without ever showing keyroll a plaintext
+# (POST transit/rewrap/<name>). `keyroll census` needs nothing in Vault beyond the state paths
+# below. Drop this block if no key has data sources.
+path "transit/rewrap/mail-*" {
+  capabilities = ["update"]
+}
+
 # `keyroll inventory` lists every key of the mount, managed or not, to find strays: LIST
 # transit/keys (names) and GET transit/keys/<name> for each (metadata: type, versions, dates;
 # never material). "+" is one path segment, so this grants no sub-path (no rotate, config,
