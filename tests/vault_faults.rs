@@ -271,6 +271,13 @@ fn a_ten_minute_clock_skew_is_refused_before_any_change() {
             bao.read(&format!("transit/keys/{name}")).is_none(),
             "shift {shift}: created despite the skew"
         );
+        // Stopped at the first answer's clock check: no key was even read (or locked).
+        assert_eq!(
+            proxy.count(None, &format!("transit/keys/{name}")),
+            0,
+            "shift {shift}: {:?}",
+            proxy.seen()
+        );
     }
 }
 
