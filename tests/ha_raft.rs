@@ -554,8 +554,18 @@ fn a_follower_without_a_leader_makes_the_sidecar_degraded_within_one_poll() {
         )
         .unwrap();
         let p = sidecar(&cluster, &cfg, dir.path().join(format!("{label}.log")));
-        wait_for(Duration::from_secs(60), || get(port, "/healthz").0 == 200)
-            .unwrap_or_else(|| panic!("{label} sidecar not healthy: {}", p.logs()));
+        // Healthy and delivered: a follower serves reads from its own copy, which may not have
+        // the key yet right after it was created on the leader (then the first pass finds
+        // nothing to deliver and a later one delivers it).
+        wait_for(Duration::from_secs(60), || {
+            get(port, "/healthz").0 == 200 && out.join("lonely.keyring.json").is_file()
+        })
+        .unwrap_or_else(|| {
+            panic!(
+                "{label} sidecar not healthy with the key delivered: {}",
+                p.logs()
+            )
+        });
         sidecars.push((label, port, out, p));
     }
     let before: Vec<_> = sidecars.iter().map(|s| snapshot(&s.2)).collect();
