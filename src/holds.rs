@@ -68,6 +68,9 @@ pub struct DataGuard<'a> {
     pub sources: &'a [DataSource],
     pub census: LatestCensus,
     pub settings: DataGuardSettings,
+    /// Set when this run must release nothing whatever the census says (e.g.
+    /// `rewrap_before_retire` failed): the reason.
+    pub suspended: Option<String>,
 }
 
 /// 1234567 → "1,234,567".
@@ -169,6 +172,10 @@ pub fn data_holds(
             version: v,
             reason,
         };
+        if let Some(why) = &g.suspended {
+            out.push(hold(why.clone()));
+            continue;
+        }
         // Rows found are the most concrete reason, whatever else is wrong with the census.
         if let Some(c) = census {
             let mut used = c.in_use(v);
@@ -314,6 +321,7 @@ mod tests {
             sources,
             census: c,
             settings: DataGuardSettings::default(),
+            suspended: None,
         }
     }
 

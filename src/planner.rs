@@ -567,6 +567,9 @@ pub struct KeyStatus {
     pub disposed_below: u32,
     #[serde(skip_serializing_if = "Vec::is_empty")]
     pub drift: Vec<String>,
+    /// Due retire/dispose steps that holds stop (filled by the caller from the held plan).
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub blocked: Vec<Blocked>,
 }
 
 /// Summarizes a key; `grace` is how late a rotation may be before it counts as overdue.
@@ -590,6 +593,7 @@ pub fn key_status(
         retired_versions: Vec::new(),
         disposed_below: 0,
         drift: Vec::new(),
+        blocked: Vec::new(),
     };
     let Observation::Present { key, record } = obs else {
         s.overdue = true;
