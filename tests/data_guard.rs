@@ -145,7 +145,16 @@ fn retirement_and_trim_wait_for_the_rows(kind: Kind) {
     );
     let (code, out, _) = run(&mut keyroll(&t, bao, &p, &["-o", "json", "status"]));
     assert_eq!(code, 3, "{out}");
-    assert_eq!(json(&out)[0]["blocked"][0]["version"], 1, "{out}");
+    let st = &json(&out)[0];
+    assert_eq!(st["blocked"][0]["version"], 1, "{out}");
+    assert_eq!(st["census"]["sources"][0]["versions"]["1"], 10, "{out}");
+    let (code, out, _) = run(&mut keyroll(&t, bao, &p, &["status"]));
+    assert_eq!(code, 3, "{out}");
+    assert!(
+        out.contains("BLOCKED: retire v1 blocked (data)")
+            && out.contains("subscribers.c v1 10, v2 10, v3 10"),
+        "{out}"
+    );
 
     // Rewrapped but not counted again: the stored census still holds the versions.
     ok(&t, bao, &p, &["rewrap"]);

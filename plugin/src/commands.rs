@@ -514,7 +514,11 @@ async fn status(
                 if s.overdue || !s.drift.is_empty() || !s.blocked.is_empty() {
                     codes.push(exit::ATTENTION);
                 }
-                statuses.push(s);
+                let census = guard.and_then(|g| match g.census {
+                    keyroll::holds::LatestCensus::Taken(c) => Some(c),
+                    _ => None,
+                });
+                statuses.push(StatusRow { status: s, census });
             }
             Err(e) => {
                 codes.push(exit::of_class(FailureClass::of(&e)));
@@ -525,6 +529,7 @@ async fn status(
     emit(cli.output, &statuses, || {
         let rows: Vec<Vec<String>> = statuses
             .iter()
+            .map(|r| &r.status)
             .map(|s| {
                 let state = if !s.exists {
                     "MISSING".to_string()
@@ -570,7 +575,7 @@ async fn status(
                 ]
             })
             .collect();
-        table(
+        let t = table(
             &[
                 "KEY",
                 "TYPE",
@@ -583,10 +588,56 @@ async fn status(
                 "STATE",
             ],
             &rows,
-        )
+        );
+        let mut s = t;
+        for c in statuses.iter().filter_map(|r| r.census.as_ref()) {
+            s.push_str(&census_line(c));
+        }
+        s
     });
     print_errors(errors.into_iter());
     Ok(exit::worst(codes))
+}
+
+/// A key's status and, for a key with `[[keys.data]]`, its latest stored census.
+#[derive(Serialize)]
+struct StatusRow {
+    #[serde(flatten)]
+    status: keyroll::planner::KeyStatus,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    census: Option<keyroll::census::KeyCensus>,
+}
+
+/// "census of transit/k at T: subscribers.c v1 1,200, v2 3; ..." for `status`'s text output.
+fn census_line(c: &keyroll::census::KeyCensus) -> String {
+    use keyroll::holds::thousands;
+    let per: Vec<String> = c
+        .sources
+        .iter()
+        .map(|s| {
+            let v: Vec<String> = s
+                .versions
+                .iter()
+                .map(|(v, n)| format!("v{v} {}", thousands(*n)))
+                .collect();
+            format!(
+                "{} {}",
+                s.source,
+                if v.is_empty() {
+                    "no ciphertexts".to_string()
+                } else {
+                    v.join(", ")
+                }
+            )
+        })
+        .collect();
+    format!(
+        "census of {}/{} at {}: {}\n",
+        c.mount,
+        c.key,
+        secs(c.taken_at),
+        per.join("; ")
+    )
 }
 
 fn versions(v: &[u32]) -> String {
