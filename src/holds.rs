@@ -21,7 +21,7 @@ use jiff::Timestamp;
 
 use crate::census::KeyCensus;
 use crate::datasource::DataSource;
-use crate::duration::{human, Span};
+use crate::duration::{compact, human, Span};
 use crate::planner::{successor_created_by, Blocked, Hold, HoldSource, Holds, MAX_STORED_VERSIONS};
 use crate::state::{KeyRecord, KeyView};
 use crate::vault::transit::TransitKey;
@@ -141,7 +141,7 @@ fn census_problem(g: &DataGuard<'_>, now: Timestamp) -> Option<String> {
             "the latest census is {} old ({}); max_census_age = {}; {RUN_CENSUS}",
             human(age),
             at_second(c.taken_at),
-            g.settings.max_census_age
+            compact(g.settings.max_census_age.std())
         ));
     }
     None
