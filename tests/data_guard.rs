@@ -416,3 +416,77 @@ fn a_failed_rewrap_before_retire_retires_nothing_and_exits_1() {
         .collect();
     assert_eq!(kinds, ["failed", "blocked"], "{hook}");
 }
+
+/// `keyroll run`: every pass plans under the latest census, reports a blocked step once per
+/// pass (run) and reason, and retires as soon as a pass sees a census that clears the version.
+#[test]
+fn run_blocks_each_pass_until_a_census_clears_the_version() {
+    use std::process::Stdio;
+    use std::time::Instant;
+
+    let bao = Bao::shared();
+    let v = datakeys::vault(bao);
+    let key = datakeys::key(bao, "daemon", 2, &[]);
+    let t = Table::new(Kind::Sqlite, false);
+    datakeys::seed(&v, &key, &t, 20, &[1, 2]);
+    let (p, audit) = policy(&t, &key, "keep_versions = 1\n");
+    let mut daemon = t
+        .keyroll(bao, &p, &["run", "--interval", "1s"])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let wait = |what: &str, cond: &dyn Fn() -> bool| {
+        let deadline = Instant::now() + Duration::from_secs(120);
+        while !cond() {
+            assert!(Instant::now() < deadline, "timed out waiting for {what}");
+            std::thread::sleep(Duration::from_millis(200));
+        }
+    };
+    wait("two blocked passes", &|| {
+        let mut runs: Vec<String> = events(&audit, "blocked")
+            .iter()
+            .map(|e| e["run_id"].as_str().unwrap().to_string())
+            .collect();
+        runs.dedup();
+        runs.len() >= 2
+    });
+    assert_eq!(key_state(bao, "transit", &key), (2, 1, 0));
+    ok(&t, bao, &p, &["rewrap"]);
+    ok(&t, bao, &p, &["census"]);
+    wait("the retirement", &|| !events(&audit, "retired").is_empty());
+    Command::new("kill")
+        .arg("-TERM")
+        .arg(daemon.id().to_string())
+        .status()
+        .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let status = loop {
+        if let Some(s) = daemon.try_wait().unwrap() {
+            break s;
+        }
+        if Instant::now() > deadline {
+            let _ = daemon.kill();
+            panic!("keyroll run ignored SIGTERM");
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    };
+    assert!(status.success(), "{status:?}");
+    assert_eq!(key_state(bao, "transit", &key), (2, 2, 0));
+    // Once per run and reason: no pass repeats an event.
+    let blocked = events(&audit, "blocked");
+    let mut seen = std::collections::BTreeSet::new();
+    for e in &blocked {
+        assert!(
+            e["message"]
+                .as_str()
+                .unwrap()
+                .starts_with("retire v1 blocked (data): no census of this key's 1 data source(s)"),
+            "{e}"
+        );
+        assert!(
+            seen.insert((e["run_id"].to_string(), e["message"].to_string())),
+            "repeated within a run: {e}"
+        );
+    }
+}
