@@ -18,7 +18,8 @@
 //!
 //! This module holds the run (reading and planning every key, handing out outcomes) and the
 //! report types; `reconcile` the per-key loop, `actions` one small function per action,
-//! `settle` what a write changed.
+//! `settle` what a write changed, `guard` the holds (a data key's census) every plan is made
+//! under, blocked-step events and `rewrap_before_retire`.
 
 mod actions;
 mod guard;
