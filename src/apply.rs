@@ -18,11 +18,15 @@
 //!
 //! This module holds the run (reading and planning every key, handing out outcomes) and the
 //! report types; `reconcile` the per-key loop, `actions` one small function per action,
-//! `settle` what a write changed.
+//! `settle` what a write changed, `guard` the holds (a data key's census) every plan is made
+//! under, blocked-step events and `rewrap_before_retire`.
 
 mod actions;
+mod guard;
 mod reconcile;
 mod settle;
+
+pub use guard::{holds_for, read_guard, KeyData};
 
 use std::time::Duration;
 
@@ -35,9 +39,10 @@ use tracing::Instrument;
 use reconcile::{locked, Decision, Progress, Target};
 
 use crate::events::{Event, EventKind};
+use crate::holds::{rewrap_could_help, DataGuard};
 use crate::lock::{self, LockError};
 use crate::observe::observe_all;
-use crate::planner::{plan_key, Action, KeyPlan};
+use crate::planner::{plan_key_held, Action, Blocked, Holds, KeyPlan};
 use crate::policy::{KeyPolicy, Policy, StateSettings};
 use crate::state::{KeyView, Observation};
 use crate::vault::{Vault, VaultError};
@@ -116,6 +121,9 @@ pub struct KeyOutcome {
     pub actions: Vec<Done>,
     #[serde(skip_serializing_if = "Vec::is_empty")]
     pub drift: Vec<String>,
+    /// Retire/dispose steps that holds stopped (as of the key's last plan in this run).
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub blocked: Vec<Blocked>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub error: Option<String>,
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -135,6 +143,7 @@ impl KeyOutcome {
             mount: mount.to_string(),
             actions: Vec::new(),
             drift: Vec::new(),
+            blocked: Vec::new(),
             error: None,
             failure: None,
             skipped: false,
@@ -170,6 +179,9 @@ impl ApplyReport {
     }
     pub fn has_drift(&self) -> bool {
         self.keys.iter().any(|k| !k.drift.is_empty())
+    }
+    pub fn has_blocked(&self) -> bool {
+        self.keys.iter().any(|k| !k.blocked.is_empty())
     }
     /// Every key's events, in key order.
     pub fn events(&self) -> impl Iterator<Item = &Event> {
@@ -214,18 +226,23 @@ pub async fn plan_all<'p>(
     now: Timestamp,
 ) -> Vec<(&'p KeyPolicy, Result<(Observation, KeyPlan), VaultError>)> {
     let obs = observe_all(vault, &policy.state, &policy.keys, policy.run.concurrency).await;
-    policy
-        .keys
-        .iter()
-        .zip(obs)
-        .map(|(k, o)| {
-            let r = o.map(|o| {
-                let p = plan_key(k, &o, now);
-                (o, p)
-            });
-            (k, r)
-        })
-        .collect()
+    let mut out = Vec::with_capacity(policy.keys.len());
+    for (k, o) in policy.keys.iter().zip(obs) {
+        let r = match o {
+            Err(e) => Err(e),
+            // Keys with data sources also need their latest census (one KV read each).
+            Ok(o) => match read_guard(vault, &policy.state, k, KeyData::of(policy, k)).await {
+                Err(e) => Err(e),
+                Ok(g) => {
+                    let holds = holds_for(g.as_ref(), &o, now);
+                    let p = plan_key_held(k, &o, &holds, now);
+                    Ok((o, p))
+                }
+            },
+        };
+        out.push((k, r));
+    }
+    out
 }
 
 /// What the executor needs for every key of a run.
@@ -267,7 +284,7 @@ pub async fn apply(
     let ctx = &ctx;
     let work = planned
         .into_iter()
-        .map(|(k, r)| async move { key_work(ctx, k, r, shutdown).await });
+        .map(|(k, r)| async move { key_work(ctx, k, KeyData::of(policy, k), r, shutdown).await });
     let mut outcomes = futures::stream::iter(work).buffered(policy.run.concurrency.max(1));
     let mut keys = Vec::with_capacity(policy.keys.len());
     while let Some(o) = outcomes.next().await {
@@ -285,10 +302,17 @@ pub async fn apply(
 async fn key_work(
     ctx: &Ctx<'_>,
     k: &KeyPolicy,
+    data: KeyData<'_>,
     planned: Result<(Observation, KeyPlan), VaultError>,
     shutdown: &watch::Receiver<bool>,
 ) -> KeyOutcome {
     let mut out = KeyOutcome::new(&k.mount, &k.name);
+    // `rewrap_before_retire`: a due step that only data holds stop is worth a rewrap.
+    let auto_rewrap = |p: &KeyPlan| {
+        data.settings.rewrap_before_retire
+            && !data.sources.is_empty()
+            && rewrap_could_help(&p.blocked)
+    };
     match planned {
         Err(e) => out.fail(ctx.run_id(), ctx.now(), FailureClass::of(&e), e.to_string()),
         Ok((_, plan)) if !plan.drift.is_empty() => {
@@ -302,42 +326,118 @@ async fn key_work(
             }
             out.drift = plan.drift;
         }
-        Ok((_, plan)) if plan.actions.is_empty() => {}
         Ok((_, plan)) if ctx.opts.dry_run => {
-            out.actions = plan.actions.into_iter().map(Done::planned).collect()
+            out.actions = plan.actions.into_iter().map(Done::planned).collect();
+            out.blocked = plan.blocked;
+        }
+        Ok((_, plan)) if plan.actions.is_empty() && !auto_rewrap(&plan) => {
+            out.blocked = plan.blocked;
+            guard::blocked_events(&mut out, ctx.run_id(), ctx.now());
         }
         Ok(_) if *shutdown.borrow() => out.skipped = true,
-        Ok(_) => {
+        Ok((_, plan)) => {
             let span = tracing::info_span!("key", key = %k.name, mount = %k.mount);
-            out = converge_key(ctx, k).instrument(span).await;
+            out = guarded_converge(ctx, k, data, auto_rewrap(&plan), shutdown)
+                .instrument(span)
+                .await;
         }
     }
     out
 }
 
-/// The policy planner's next action for a key, given what this run already did.
-fn next_action(k: &KeyPolicy, obs: &Observation, now: Timestamp, done: Progress) -> Decision {
-    let plan = plan_key(k, obs, now);
-    if !plan.drift.is_empty() {
-        return Decision::Drift(plan.drift);
+/// Reconciles a key under its holds, after `rewrap_before_retire` when `rewrap` is set. A
+/// failed rewrap is the key's failure (exit 1, a `failed` event) and suspends every data hold's
+/// release for this run: nothing is retired or trimmed, other steps (rotation) still happen.
+async fn guarded_converge(
+    ctx: &Ctx<'_>,
+    k: &KeyPolicy,
+    data: KeyData<'_>,
+    rewrap: bool,
+    shutdown: &watch::Receiver<bool>,
+) -> KeyOutcome {
+    let mut pre = KeyOutcome::new(&k.mount, &k.name);
+    let mut suspended = None;
+    if rewrap {
+        match guard::rewrap_before_retire(ctx, k, data.sources, shutdown).await {
+            Ok(msg) => {
+                tracing::info!("{msg}");
+                pre.event(ctx.run_id(), EventKind::Rewrapped, ctx.now(), msg);
+            }
+            Err(why) => {
+                tracing::error!(error = %why, "rewrap_before_retire failed");
+                pre.fail(
+                    ctx.run_id(),
+                    ctx.now(),
+                    FailureClass::Other,
+                    format!("rewrap_before_retire: {why}"),
+                );
+                suspended = Some(format!(
+                    "rewrap_before_retire failed ({why}); nothing is retired or trimmed until                      a rewrap succeeds"
+                ));
+            }
+        }
     }
-    plan.actions
-        .into_iter()
-        .find(|a| !(done.new_version && matches!(a, Action::Rotate { .. })))
-        .map_or(Decision::Done, Decision::Act)
+    let guard = match read_guard(ctx.vault, ctx.state, k, data).await {
+        Ok(g) => g.map(|mut g| {
+            g.suspended = suspended;
+            g
+        }),
+        Err(e) => {
+            pre.fail(ctx.run_id(), ctx.now(), FailureClass::of(&e), e.to_string());
+            return pre;
+        }
+    };
+    let mut out = converge_key(ctx, k, guard.as_ref()).await;
+    guard::blocked_events(&mut out, ctx.run_id(), ctx.now());
+    pre.events.append(&mut out.events);
+    out.events = pre.events;
+    if out.error.is_none() {
+        out.error = pre.error;
+        out.failure = pre.failure;
+    }
+    out
 }
 
-/// Lock, then reconcile the key with the policy's planner; release.
-async fn converge_key(ctx: &Ctx<'_>, k: &KeyPolicy) -> KeyOutcome {
+/// The policy planner's next action for a key under `holds`, given what this run already did,
+/// and the steps the holds block.
+fn next_action(
+    k: &KeyPolicy,
+    obs: &Observation,
+    holds: &Holds,
+    now: Timestamp,
+    done: Progress,
+) -> (Decision, Vec<Blocked>) {
+    let plan = plan_key_held(k, obs, holds, now);
+    if !plan.drift.is_empty() {
+        return (Decision::Drift(plan.drift), Vec::new());
+    }
+    let d = plan
+        .actions
+        .into_iter()
+        .find(|a| !(done.new_version && matches!(a, Action::Rotate { .. })))
+        .map_or(Decision::Done, Decision::Act);
+    (d, plan.blocked)
+}
+
+/// Lock, then reconcile the key with the policy's planner under its holds (recomputed from
+/// every fresh read); release. The outcome's `blocked` is the last plan's.
+async fn converge_key(ctx: &Ctx<'_>, k: &KeyPolicy, guard: Option<&DataGuard<'_>>) -> KeyOutcome {
     let target = Target {
         mount: &k.mount,
         name: &k.name,
     };
-    let mut decide =
-        |obs: &Observation, now: Timestamp, done: Progress| Ok(next_action(k, obs, now, done));
+    let mut blocked = Vec::new();
+    let mut decide = |obs: &Observation, now: Timestamp, done: Progress| {
+        let holds = holds_for(guard, obs, now);
+        let (d, b) = next_action(k, obs, &holds, now, done);
+        blocked = b;
+        Ok(d)
+    };
     let wants_record =
         |key: &crate::vault::transit::TransitKey| crate::observe::needs_record(k, key);
-    locked(ctx, target, &wants_record, &mut decide).await
+    let mut out = locked(ctx, target, &wants_record, &mut decide).await;
+    out.blocked = blocked;
+    out
 }
 
 /// On-demand rotation (`keyroll rotate KEY`), optionally retiring every earlier version at once
@@ -466,16 +566,22 @@ mod tests {
         // Every version is "old" at t(1000): the planner would rotate again after each rotation.
         let obs = Observation::present(key(1, 1), KeyRecord::default());
         let fresh = Progress::default();
-        assert_eq!(verb(next_action(&policy(), &obs, t(1000), fresh)), "rotate");
+        assert_eq!(
+            verb(next_action(&policy(), &obs, &Holds::default(), t(1000), fresh).0),
+            "rotate"
+        );
         let rotated = Progress { new_version: true };
         let obs = Observation::present(key(2, 1), KeyRecord::default());
         // After the run's rotation: retire what it superseded, but no second rotation.
         assert_eq!(
-            verb(next_action(&policy(), &obs, t(1000), rotated)),
+            verb(next_action(&policy(), &obs, &Holds::default(), t(1000), rotated).0),
             "retire"
         );
         let obs = Observation::present(key(2, 2), KeyRecord::default());
-        assert_eq!(verb(next_action(&policy(), &obs, t(1000), rotated)), "done");
+        assert_eq!(
+            verb(next_action(&policy(), &obs, &Holds::default(), t(1000), rotated).0),
+            "done"
+        );
     }
 
     #[test]

@@ -20,6 +20,10 @@ pub enum EventKind {
     Failed,
     /// A notifier could not deliver (recorded in the audit log).
     NotifyFailed,
+    /// A due retire or trim was stopped by a hold (stored data, DNS); the message says why.
+    Blocked,
+    /// `rewrap_before_retire`: apply took a census, rewrapped and took another census.
+    Rewrapped,
 }
 
 impl EventKind {
@@ -38,6 +42,8 @@ impl EventKind {
             EventKind::Drift => "drift",
             EventKind::Failed => "failed",
             EventKind::NotifyFailed => "notify_failed",
+            EventKind::Blocked => "blocked",
+            EventKind::Rewrapped => "rewrapped",
         }
     }
 }

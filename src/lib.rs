@@ -50,4 +50,5 @@ pub mod store;
 // Data keys (issue 8): data sources, census, rewrap.
 pub mod census;
 pub mod datasource;
+pub mod holds;
 pub mod rewrap;

@@ -12,6 +12,13 @@
 //! new retirement restarts `dispose_after`); bookkeeping is planned only for versions that are
 //! usable or retired-but-stored, so a repeated plan converges to "nothing to do". Version
 //! arithmetic is checked (`keep_versions` near `u32::MAX` cannot wrap).
+//!
+//! Holds: other parts of keyroll (stored data still encrypted under a version, DNS still
+//! publishing it) place [`Holds`] on the destructive steps. A retire hold on v caps
+//! `min_decryption_version` at v, a dispose hold caps `min_available_version` at v; the part of
+//! a step below the lowest hold still happens, and each held version the policy wanted to
+//! retire or trim is reported as [`Blocked`] with the hold's reason. With no holds the plan is
+//! exactly the unguarded one.
 
 use jiff::{SignedDuration, Timestamp};
 use serde::Serialize;
@@ -106,6 +113,87 @@ impl Action {
     }
 }
 
+/// Who placed a hold.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum HoldSource {
+    /// Stored data still needs the version (census of `[[keys.data]]`, see `holds`).
+    Data,
+    /// DNS still needs the version usable.
+    Dns,
+}
+
+impl HoldSource {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            HoldSource::Data => "data",
+            HoldSource::Dns => "dns",
+        }
+    }
+}
+
+/// A reason to keep one version: see [`Holds`].
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct Hold {
+    pub by: HoldSource,
+    pub version: u32,
+    pub reason: String,
+}
+
+/// What other parts of keyroll forbid the planner to do to a key's versions.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Holds {
+    /// Version v held here: `min_decryption_version` is never raised above v.
+    pub retire: Vec<Hold>,
+    /// Version v held here: `min_available_version` is never raised above v.
+    pub dispose: Vec<Hold>,
+}
+
+impl Holds {
+    pub fn is_empty(&self) -> bool {
+        self.retire.is_empty() && self.dispose.is_empty()
+    }
+}
+
+/// The destructive step a hold stopped.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Step {
+    Retire,
+    Dispose,
+}
+
+impl Step {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Step::Retire => "retire",
+            Step::Dispose => "dispose",
+        }
+    }
+}
+
+/// A version the policy would retire or trim now, kept by a hold.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct Blocked {
+    pub step: Step,
+    pub version: u32,
+    pub by: HoldSource,
+    pub reason: String,
+}
+
+impl Blocked {
+    /// One line for tables, logs and events: "retire v1 blocked (data): 12 rows in …".
+    pub fn summary(&self) -> String {
+        format!(
+            "{} v{} blocked ({}): {}",
+            self.step.as_str(),
+            self.version,
+            self.by.as_str(),
+            self.reason
+        )
+    }
+}
+
 /// The plan for one key.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
 pub struct KeyPlan {
@@ -115,15 +203,52 @@ pub struct KeyPlan {
     #[serde(skip_serializing_if = "Vec::is_empty")]
     pub drift: Vec<String>,
     pub actions: Vec<Action>,
+    /// Retire/dispose steps the policy wants now that holds stop (partly or wholly).
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub blocked: Vec<Blocked>,
 }
 
-/// Plans one key.
+/// Plans one key with no holds.
 pub fn plan_key(policy: &KeyPolicy, obs: &Observation, now: Timestamp) -> KeyPlan {
+    plan_key_held(policy, obs, &Holds::default(), now)
+}
+
+/// The lowest held version in `from..to` (a step from `from` up to `to` would pass it), and
+/// every hold in that range as a [`Blocked`] of `step`.
+fn apply_holds(holds: &[Hold], step: Step, from: u32, to: u32) -> (u32, Vec<Blocked>) {
+    let mut hit: Vec<&Hold> = holds
+        .iter()
+        .filter(|h| h.version >= from && h.version < to)
+        .collect();
+    hit.sort_by(|a, b| (a.version, a.by, &a.reason).cmp(&(b.version, b.by, &b.reason)));
+    hit.dedup_by(|a, b| a.version == b.version && a.by == b.by && a.reason == b.reason);
+    let capped = hit.first().map_or(to, |h| h.version);
+    let blocked = hit
+        .into_iter()
+        .map(|h| Blocked {
+            step,
+            version: h.version,
+            by: h.by,
+            reason: h.reason.clone(),
+        })
+        .collect();
+    (capped, blocked)
+}
+
+/// Plans one key under `holds`: as [`plan_key`], except that no retire passes a retire hold
+/// and no dispose passes a dispose hold; what they stop is listed in `blocked`.
+pub fn plan_key_held(
+    policy: &KeyPolicy,
+    obs: &Observation,
+    holds: &Holds,
+    now: Timestamp,
+) -> KeyPlan {
     let mut plan = KeyPlan {
         key: policy.name.clone(),
         mount: policy.mount.clone(),
         drift: Vec::new(),
         actions: Vec::new(),
+        blocked: Vec::new(),
     };
     let (key, record) = match obs {
         Observation::Missing => {
@@ -202,7 +327,13 @@ pub fn plan_key(policy: &KeyPolicy, obs: &Observation, now: Timestamp) -> KeyPla
 
     let r = &policy.retention;
     let current_min = key.min_usable();
-    let retire_to = retire_target(policy, key, record, now);
+    let (retire_to, blocked) = apply_holds(
+        &holds.retire,
+        Step::Retire,
+        current_min,
+        retire_target(policy, key, record, now),
+    );
+    plan.blocked.extend(blocked);
     if retire_to > current_min {
         let mut why = Vec::new();
         if let Some(n) = r.keep_versions {
@@ -236,7 +367,13 @@ pub fn plan_key(policy: &KeyPolicy, obs: &Observation, now: Timestamp) -> KeyPla
                 reason: "retired outside keyroll's record; disposal counts from now".into(),
             });
         }
-        let dispose_to = dispose_target(policy, key, record, now);
+        let (dispose_to, blocked) = apply_holds(
+            &holds.dispose,
+            Step::Dispose,
+            key.min_available(),
+            dispose_target(policy, key, record, now),
+        );
+        plan.blocked.extend(blocked);
         if dispose_to > key.min_available() {
             let retired_at = retired_at(key, record, dispose_to - 1);
             let ago = retired_at
@@ -347,7 +484,7 @@ fn may_retire(
 /// time for retired versions, so for those this is the first usable version's; using a later
 /// time only makes a retention rule hold later, never earlier. A usable successor without a
 /// time gives none: its "first seen" is recorded first.
-fn successor_created_by(key: &TransitKey, record: &KeyRecord, v: u32) -> Option<Timestamp> {
+pub fn successor_created_by(key: &TransitKey, record: &KeyRecord, v: u32) -> Option<Timestamp> {
     let succ = v.checked_add(1)?;
     if let Some(t) = key.created(record, succ) {
         return Some(t);
@@ -430,6 +567,9 @@ pub struct KeyStatus {
     pub disposed_below: u32,
     #[serde(skip_serializing_if = "Vec::is_empty")]
     pub drift: Vec<String>,
+    /// Due retire/dispose steps that holds stop (filled by the caller from the held plan).
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub blocked: Vec<Blocked>,
 }
 
 /// Summarizes a key; `grace` is how late a rotation may be before it counts as overdue.
@@ -453,6 +593,7 @@ pub fn key_status(
         retired_versions: Vec::new(),
         disposed_below: 0,
         drift: Vec::new(),
+        blocked: Vec::new(),
     };
     let Observation::Present { key, record } = obs else {
         s.overdue = true;
@@ -943,6 +1084,149 @@ mod tests {
                 again.actions.iter().all(Action::changes_vault_key),
                 "bookkeeping planned again: {:?}", again.actions
             );
+        }
+    }
+
+    fn hold(by: HoldSource, version: u32, reason: &str) -> Hold {
+        Hold {
+            by,
+            version,
+            reason: reason.into(),
+        }
+    }
+
+    /// A retire hold on v2 lets v1 retire and stops at v2; the plan names the hold.
+    #[test]
+    fn a_held_version_caps_retirement_and_is_reported_blocked() {
+        let pol = policy(100 * DAY, Some(1), None, None);
+        let obs = Observation::present(key(&[0, 1, 2, 3], 1, 0), KeyRecord::default());
+        let holds = Holds {
+            retire: vec![hold(HoldSource::Data, 2, "7 rows in t.c at v2")],
+            dispose: vec![],
+        };
+        let p = plan_key_held(&pol, &obs, &holds, t(10));
+        assert!(
+            matches!(
+                p.actions[..],
+                [Action::Retire {
+                    min_decryption_version: 2,
+                    ..
+                }]
+            ),
+            "{p:?}"
+        );
+        assert_eq!(
+            p.blocked,
+            [Blocked {
+                step: Step::Retire,
+                version: 2,
+                by: HoldSource::Data,
+                reason: "7 rows in t.c at v2".into()
+            }]
+        );
+        // Held at v1: nothing retires at all, v1 is reported.
+        let holds = Holds {
+            retire: vec![
+                hold(HoldSource::Data, 1, "a"),
+                hold(HoldSource::Dns, 3, "latest-ish"),
+            ],
+            dispose: vec![],
+        };
+        let p = plan_key_held(&pol, &obs, &holds, t(10));
+        assert!(p.actions.is_empty(), "{p:?}");
+        assert_eq!(
+            p.blocked.iter().map(|b| b.version).collect::<Vec<_>>(),
+            [1, 3]
+        );
+    }
+
+    /// A dispose hold stops the trim (irreversible) even when retirement is long done.
+    #[test]
+    fn a_dispose_hold_stops_the_trim() {
+        let pol = policy(100 * DAY, Some(1), None, Some(5));
+        let rec = KeyRecord {
+            retired: [(1, t(10)), (2, t(10))].into(),
+            ..Default::default()
+        };
+        let obs = Observation::present(key(&[0, 1, 2], 3, 0), rec);
+        let holds = Holds {
+            retire: vec![],
+            dispose: vec![hold(HoldSource::Data, 2, "1 row in t.c at v2")],
+        };
+        let p = plan_key_held(&pol, &obs, &holds, t(100));
+        assert!(
+            matches!(
+                p.actions[..],
+                [Action::Dispose {
+                    min_available_version: 2,
+                    ..
+                }]
+            ),
+            "{p:?}"
+        );
+        assert_eq!(p.blocked.len(), 1);
+        assert_eq!(p.blocked[0].step, Step::Dispose);
+        // A hold on a version nothing wants to touch blocks nothing.
+        let holds = Holds {
+            retire: vec![hold(HoldSource::Data, 3, "latest")],
+            dispose: vec![hold(HoldSource::Data, 3, "latest")],
+        };
+        let p = plan_key_held(&pol, &obs, &holds, t(100));
+        assert!(p.blocked.is_empty(), "{p:?}");
+        assert_eq!(p, plan_key(&pol, &obs, t(100)));
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(3000))]
+
+        /// No plan raises min_decryption_version past a retire hold or min_available_version
+        /// past a dispose hold; everything else is the unguarded plan; each blocked entry is a
+        /// version the unguarded plan would have retired or trimmed.
+        #[test]
+        fn holds_are_never_passed(
+            (pol, k, rec, now, _) in arb_case(),
+            retire in prop::collection::vec(1u32..10, 0..3),
+            dispose in prop::collection::vec(1u32..10, 0..3),
+        ) {
+            let holds = Holds {
+                retire: retire.iter().map(|v| hold(HoldSource::Data, *v, "r")).collect(),
+                dispose: dispose.iter().map(|v| hold(HoldSource::Dns, *v, "d")).collect(),
+            };
+            let obs = Observation::present(k.clone(), rec.clone());
+            let p = plan_key_held(&pol, &obs, &holds, now);
+            let free = plan_key(&pol, &obs, now);
+            for a in &p.actions {
+                match a {
+                    Action::Retire { min_decryption_version: to, .. } => {
+                        for h in retire.iter().filter(|h| **h >= k.min_usable()) {
+                            prop_assert!(to <= h, "retired past hold v{h}: {a:?}");
+                        }
+                    }
+                    Action::Dispose { min_available_version: to, .. } => {
+                        for h in dispose.iter().filter(|h| **h >= k.min_available()) {
+                            prop_assert!(to <= h, "trimmed past hold v{h}: {a:?}");
+                        }
+                    }
+                    _ => {}
+                }
+            }
+            let quiet = |p: &KeyPlan| -> Vec<Action> {
+                p.actions.iter().filter(|a| !matches!(a, Action::Retire { .. } | Action::Dispose { .. })).cloned().collect()
+            };
+            prop_assert_eq!(quiet(&p), quiet(&free));
+            if p.blocked.is_empty() {
+                prop_assert_eq!(&p.actions, &free.actions);
+            }
+            for b in &p.blocked {
+                let wanted = free.actions.iter().any(|a| match (a, b.step) {
+                    (Action::Retire { min_decryption_version: to, .. }, Step::Retire) =>
+                        b.version >= k.min_usable() && b.version < *to,
+                    (Action::Dispose { min_available_version: to, .. }, Step::Dispose) =>
+                        b.version >= k.min_available() && b.version < *to,
+                    _ => false,
+                });
+                prop_assert!(wanted, "blocked a step the policy did not want: {b:?}");
+            }
         }
     }
 }

@@ -7,7 +7,7 @@
 //! checked against a named cap (`crate::bounds`). Loading is linear in the number of keys: one
 //! line index for the file, one hash set for duplicates, `[defaults]` validated once.
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
@@ -23,6 +23,7 @@ use crate::config::{
     RawNotify, RawVault, VaultSettings,
 };
 use crate::duration::{compact, Span};
+use crate::holds::{DataGuardSettings, MAX_CENSUS_AGE};
 use crate::{KeyName, KeyType};
 
 /// Defaults for [`Policy`] fields a file may leave out. Named so the README can cite them.
@@ -88,6 +89,10 @@ struct RawKey {
     /// `[[keys.data]]`: where this key's ciphertexts are stored (validated in `datasource`).
     #[serde(default)]
     data: Vec<Spanned<crate::datasource::RawDataSource>>,
+    /// Data keys only: the oldest census that may release a version (see `holds`).
+    max_census_age: Option<Spanned<String>>,
+    /// Data keys only: `apply`/`run` rewraps by itself when data holds block retention.
+    rewrap_before_retire: Option<Spanned<bool>>,
 }
 
 /// Where keyroll keeps its own small state in a KV v2 mount: per-key locks and the times Vault
@@ -153,6 +158,8 @@ pub struct Policy {
     pub notify: NotifySettings,
     /// Data sources per key, for census and rewrap; keys without any are absent.
     pub data: crate::datasource::PolicyData,
+    /// Guarded-retention settings of the keys with data sources (same keys as `data`).
+    pub data_guard: BTreeMap<(String, String), DataGuardSettings>,
 }
 
 impl Policy {
@@ -187,10 +194,12 @@ impl Policy {
         }
         let mut keys = Vec::with_capacity(raw.keys.len());
         let mut data = crate::datasource::PolicyData::new();
+        let mut data_guard = BTreeMap::new();
         for spanned in raw.keys {
             let line = lines.line(spanned.span().start);
             let mut k = spanned.into_inner();
             let raw_data = std::mem::take(&mut k.data);
+            let raw_guard = (k.max_census_age.take(), k.rewrap_before_retire.take());
             let key =
                 merge_key(&defaults, k, line).map_err(|e| e.into_config(path, &lines, line))?;
             let sources =
@@ -201,8 +210,11 @@ impl Policy {
                         field: f.to_string(),
                         reason: r,
                     })?;
+            let guard = data_guard_settings(&key.name, !sources.is_empty(), raw_guard)
+                .map_err(|e| e.into_config(path, &lines, line))?;
             if !sources.is_empty() {
                 data.insert((key.mount.clone(), key.name.to_string()), sources);
+                data_guard.insert((key.mount.clone(), key.name.to_string()), guard);
             }
             keys.push(key);
         }
@@ -224,11 +236,20 @@ impl Policy {
             audit,
             notify,
             data,
+            data_guard,
         })
     }
 
     pub fn key(&self, name: &str) -> Option<&KeyPolicy> {
         self.keys.iter().find(|k| k.name.as_str() == name)
+    }
+
+    /// The key's guarded-retention settings (defaults for a key without data sources).
+    pub fn data_guard(&self, k: &KeyPolicy) -> DataGuardSettings {
+        self.data_guard
+            .get(&(k.mount.clone(), k.name.to_string()))
+            .copied()
+            .unwrap_or_default()
     }
 
     /// The key's `[[keys.data]]` sources (empty when it has none).
@@ -238,6 +259,39 @@ impl Policy {
             .map(Vec::as_slice)
             .unwrap_or(&[])
     }
+}
+
+/// `max_census_age` and `rewrap_before_retire` of one `[[keys]]` entry: only for keys with
+/// `[[keys.data]]` sources (elsewhere they would silently do nothing).
+fn data_guard_settings(
+    name: &KeyName,
+    has_sources: bool,
+    (age, auto): (Option<Spanned<String>>, Option<Spanned<bool>>),
+) -> Result<DataGuardSettings, FieldError> {
+    let mut g = DataGuardSettings::default();
+    if let Some(a) = &age {
+        if !has_sources {
+            return Err(no_sources("keys.max_census_age", name).at(a.span()));
+        }
+        g.max_census_age = span_field("keys.max_census_age", a, MAX_CENSUS_AGE)?;
+    }
+    if let Some(b) = &auto {
+        if !has_sources {
+            return Err(no_sources("keys.rewrap_before_retire", name).at(b.span()));
+        }
+        g.rewrap_before_retire = *b.get_ref();
+    }
+    Ok(g)
+}
+
+fn no_sources(field: &'static str, name: &KeyName) -> FieldError {
+    FieldError::new(
+        field,
+        format!(
+            "applies to keys with [[keys.data]] sources only; key {name} has none (declare where \
+             its ciphertexts are stored, or remove the field)"
+        ),
+    )
 }
 
 /// `[state]`, with `lock_ttl` checked against the `[vault] timeout` (issue 7 item 4).
@@ -347,6 +401,20 @@ impl KeyDefaults {
                 "a name cannot have a default; give each [[keys]] entry its own",
             )
             .at(n.span()));
+        }
+        if let Some(a) = &d.max_census_age {
+            return Err(FieldError::new(
+                "defaults.max_census_age",
+                "set it on each [[keys]] entry that has [[keys.data]] sources",
+            )
+            .at(a.span()));
+        }
+        if let Some(b) = &d.rewrap_before_retire {
+            return Err(FieldError::new(
+                "defaults.rewrap_before_retire",
+                "set it on each [[keys]] entry that has [[keys.data]] sources",
+            )
+            .at(b.span()));
         }
         if let Some(first) = d.data.first() {
             return Err(FieldError::new(

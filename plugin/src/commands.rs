@@ -11,7 +11,7 @@ use keyroll::audit::AuditLog;
 use keyroll::duration::{human, Span};
 use keyroll::events::{Event, EventKind};
 use keyroll::observe::observe_all;
-use keyroll::planner::{key_status, Action};
+use keyroll::planner::{key_status, plan_key_held, Action, Blocked};
 use keyroll::policy::Policy;
 use keyroll::vault::client::env_var;
 use keyroll::vault::{ClientConfig, ClientOverrides, Vault};
@@ -139,6 +139,8 @@ struct PlanKey<'a> {
     #[serde(skip_serializing_if = "Vec::is_empty")]
     drift: Vec<String>,
     actions: Vec<Action>,
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    blocked: Vec<Blocked>,
     #[serde(skip_serializing_if = "Option::is_none")]
     error: Option<String>,
 }
@@ -158,15 +160,17 @@ async fn plan(cli: &Cli, policy: &Policy, at: Timestamp) -> anyhow::Result<u8> {
             mount: &k.mount,
             drift: Vec::new(),
             actions: Vec::new(),
+            blocked: Vec::new(),
             error: None,
         };
         match r {
             Ok((_, p)) => {
-                if !p.drift.is_empty() {
+                if !p.drift.is_empty() || !p.blocked.is_empty() {
                     codes.push(exit::ATTENTION);
                 }
                 pk.drift = p.drift.clone();
                 pk.actions = p.actions.clone();
+                pk.blocked = p.blocked.clone();
             }
             Err(e) => {
                 codes.push(exit::of_class(FailureClass::of(e)));
@@ -193,7 +197,7 @@ async fn plan(cli: &Cli, policy: &Policy, at: Timestamp) -> anyhow::Result<u8> {
                     "DRIFT".into(),
                     k.drift.join("; "),
                 ]);
-            } else if k.actions.is_empty() {
+            } else if k.actions.is_empty() && k.blocked.is_empty() {
                 rows.push(vec![
                     k.key.into(),
                     k.mount.into(),
@@ -209,16 +213,26 @@ async fn plan(cli: &Cli, policy: &Policy, at: Timestamp) -> anyhow::Result<u8> {
                     a.reason().into(),
                 ]);
             }
+            rows.extend(blocked_rows(k.key, k.mount, &k.blocked));
         }
         let n = out.keys.iter().map(|k| k.actions.len()).sum::<usize>();
+        let b = out.keys.iter().map(|k| k.blocked.len()).sum::<usize>();
         format!(
-            "{}\nplan at {}: {n} action(s)",
+            "{}\nplan at {}: {n} action(s), {b} blocked",
             table(&["KEY", "MOUNT", "ACTION", "REASON"], &rows),
             secs(at)
         )
     });
     print_errors(errors.into_iter());
     Ok(exit::worst(codes))
+}
+
+/// Table rows for blocked steps: ACTION "BLOCKED", the reason naming step, version and hold.
+fn blocked_rows(key: &str, mount: &str, blocked: &[Blocked]) -> Vec<Vec<String>> {
+    blocked
+        .iter()
+        .map(|b| vec![key.into(), mount.into(), "BLOCKED".into(), b.summary()])
+        .collect()
 }
 
 /// The audit log of one command: events are appended as each key finishes (a killed run
@@ -305,7 +319,7 @@ async fn finish(cli: &Cli, policy: &Policy, report: &ApplyReport, audit: &mut Au
         if let Some(f) = k.failure {
             codes.push(exit::of_class(f));
         }
-        if !k.drift.is_empty() {
+        if !k.drift.is_empty() || !k.blocked.is_empty() {
             codes.push(exit::ATTENTION);
         }
     }
@@ -320,6 +334,7 @@ async fn finish(cli: &Cli, policy: &Policy, report: &ApplyReport, audit: &mut Au
                     done_reason(a),
                 ]);
             }
+            rows.extend(blocked_rows(&k.key, &k.mount, &k.blocked));
             if !k.drift.is_empty() {
                 rows.push(vec![
                     k.key.clone(),
@@ -340,6 +355,7 @@ async fn finish(cli: &Cli, policy: &Policy, report: &ApplyReport, audit: &mut Au
         let changed = report.keys.iter().filter(|k| !k.actions.is_empty()).count();
         let failed = report.failures().count();
         let drifted = report.keys.iter().filter(|k| !k.drift.is_empty()).count();
+        let blocked = report.keys.iter().filter(|k| !k.blocked.is_empty()).count();
         let skipped = report.keys.iter().filter(|k| k.skipped).count();
         let verb = if report.dry_run {
             "would change"
@@ -351,7 +367,8 @@ async fn finish(cli: &Cli, policy: &Policy, report: &ApplyReport, audit: &mut Au
             s.push_str(&table(&["KEY", "MOUNT", "ACTION", "REASON"], &rows));
         }
         s.push_str(&format!(
-            "{}: {} key(s), {changed} {verb}, {failed} failed, {drifted} drifted{}",
+            "{}: {} key(s), {changed} {verb}, {failed} failed, {drifted} drifted, {blocked} \
+             blocked{}",
             if report.dry_run {
                 "apply --dry-run"
             } else {
@@ -483,13 +500,25 @@ async fn status(
     let mut statuses = Vec::new();
     let mut errors = Vec::new();
     for (k, o) in policy.keys.iter().zip(obs) {
+        let o = match o {
+            Ok(o) => apply::read_guard(&vault, &policy.state, k, apply::KeyData::of(policy, k))
+                .await
+                .map(|g| (o, g)),
+            Err(e) => Err(e),
+        };
         match o {
-            Ok(o) => {
-                let s = key_status(k, &o, at, grace);
-                if s.overdue || !s.drift.is_empty() {
+            Ok((o, guard)) => {
+                let mut s = key_status(k, &o, at, grace);
+                let holds = apply::holds_for(guard.as_ref(), &o, at);
+                s.blocked = plan_key_held(k, &o, &holds, at).blocked;
+                if s.overdue || !s.drift.is_empty() || !s.blocked.is_empty() {
                     codes.push(exit::ATTENTION);
                 }
-                statuses.push(s);
+                let census = guard.and_then(|g| match g.census {
+                    keyroll::holds::LatestCensus::Taken(c) => Some(c),
+                    _ => None,
+                });
+                statuses.push(StatusRow { status: s, census });
             }
             Err(e) => {
                 codes.push(exit::of_class(FailureClass::of(&e)));
@@ -500,11 +529,22 @@ async fn status(
     emit(cli.output, &statuses, || {
         let rows: Vec<Vec<String>> = statuses
             .iter()
+            .map(|r| &r.status)
             .map(|s| {
                 let state = if !s.exists {
                     "MISSING".to_string()
                 } else if !s.drift.is_empty() {
                     format!("DRIFT: {}", s.drift.join("; "))
+                } else if !s.blocked.is_empty() {
+                    format!(
+                        "BLOCKED{}: {}",
+                        if s.overdue { ", OVERDUE" } else { "" },
+                        s.blocked
+                            .iter()
+                            .map(Blocked::summary)
+                            .collect::<Vec<_>>()
+                            .join("; ")
+                    )
                 } else if s.overdue {
                     "OVERDUE".into()
                 } else {
@@ -535,7 +575,7 @@ async fn status(
                 ]
             })
             .collect();
-        table(
+        let t = table(
             &[
                 "KEY",
                 "TYPE",
@@ -548,10 +588,56 @@ async fn status(
                 "STATE",
             ],
             &rows,
-        )
+        );
+        let mut s = t;
+        for c in statuses.iter().filter_map(|r| r.census.as_ref()) {
+            s.push_str(&census_line(c));
+        }
+        s
     });
     print_errors(errors.into_iter());
     Ok(exit::worst(codes))
+}
+
+/// A key's status and, for a key with `[[keys.data]]`, its latest stored census.
+#[derive(Serialize)]
+struct StatusRow {
+    #[serde(flatten)]
+    status: keyroll::planner::KeyStatus,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    census: Option<keyroll::census::KeyCensus>,
+}
+
+/// "census of transit/k at T: subscribers.c v1 1,200, v2 3; ..." for `status`'s text output.
+fn census_line(c: &keyroll::census::KeyCensus) -> String {
+    use keyroll::holds::thousands;
+    let per: Vec<String> = c
+        .sources
+        .iter()
+        .map(|s| {
+            let v: Vec<String> = s
+                .versions
+                .iter()
+                .map(|(v, n)| format!("v{v} {}", thousands(*n)))
+                .collect();
+            format!(
+                "{} {}",
+                s.source,
+                if v.is_empty() {
+                    "no ciphertexts".to_string()
+                } else {
+                    v.join(", ")
+                }
+            )
+        })
+        .collect();
+    format!(
+        "census of {}/{} at {}: {}\n",
+        c.mount,
+        c.key,
+        secs(c.taken_at),
+        per.join("; ")
+    )
 }
 
 fn versions(v: &[u32]) -> String {

@@ -542,6 +542,37 @@ mod tests {
         assert!(p.data_sources(p.key("other").unwrap()).is_empty());
     }
 
+    /// Guarded retention's per-key settings: default 7d / off, bounded, and refused on keys
+    /// without sources or in [defaults] (where they would silently do nothing).
+    #[test]
+    fn guard_settings_belong_to_data_keys_and_are_bounded() {
+        let src = "\n[[keys.data]]\nengine = \"sqlite\"\npath = \"a.db\"\ntable = \"t\"\n\
+                   column = \"c\"\nprimary_key = \"id\"\n";
+        let p = load(&format!("{HEAD}{src}")).unwrap();
+        let g = p.data_guard(p.key("subscribers").unwrap());
+        assert_eq!(g.max_census_age.std(), crate::holds::DEFAULT_MAX_CENSUS_AGE);
+        assert!(!g.rewrap_before_retire);
+        let p = load(&format!(
+            "{HEAD}max_census_age = \"2d\"\nrewrap_before_retire = true\n{src}"
+        ))
+        .unwrap();
+        let g = p.data_guard(p.key("subscribers").unwrap());
+        assert_eq!(g.max_census_age.std().as_secs(), 2 * 86_400);
+        assert!(g.rewrap_before_retire);
+        let e = err(&format!("{HEAD}max_census_age = \"366d\"\n{src}"));
+        assert!(
+            e.contains("policy.toml:7: keys.max_census_age:") && e.contains("cap of 365d"),
+            "{e}"
+        );
+        let e = err(&format!("{HEAD}rewrap_before_retire = true\n"));
+        assert!(
+            e.contains(":7: keys.rewrap_before_retire:") && e.contains("has none"),
+            "{e}"
+        );
+        let e = err("[defaults]\nmax_census_age = \"1d\"\n");
+        assert!(e.contains("defaults.max_census_age"), "{e}");
+    }
+
     #[test]
     fn sql_injection_through_the_policy_is_refused_with_file_line_field() {
         for (field, value) in [
