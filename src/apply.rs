@@ -280,6 +280,27 @@ pub async fn apply(
         opts,
         clock,
     };
+    // Every write checks the clocks anyway; checking once up front stops a skewed pass before
+    // it reads (and locks) every key only to be refused at each first write.
+    if !opts.dry_run {
+        if let Err(e) = vault.check_clock().await {
+            let keys = policy
+                .keys
+                .iter()
+                .map(|k| {
+                    let mut out = KeyOutcome::new(&k.mount, &k.name);
+                    out.fail(&opts.run_id, clock(), FailureClass::of(&e), e.to_string());
+                    on_key(&out);
+                    out
+                })
+                .collect();
+            return ApplyReport {
+                run_id: opts.run_id.clone(),
+                dry_run: opts.dry_run,
+                keys,
+            };
+        }
+    }
     let planned = plan_all(vault, policy, clock()).await;
     let ctx = &ctx;
     let work = planned
