@@ -353,10 +353,38 @@ fn leader_loss_costs_keyroll_and_the_sidecar_one_election_and_nothing_else() {
         codes.iter().all(|c| *c == 0 || *c == 69),
         "{codes:?}\n{run_log}"
     );
-    assert!(
-        files_during_election.iter().all(|f| *f == files_at_kill),
-        "the sidecar's files changed while there was no leader"
-    );
+    // While there was no leader the files stayed whole and never went back: every snapshot has
+    // the same files, each a parseable keyring whose active version is at least the one at the
+    // kill and at most one Vault really has. (A rotation committed just before the kill may be
+    // delivered in the middle of the election — by a poll already in flight, or read once the
+    // new leader serves before this loop's probe sees it; that is catching up, not damage.)
+    let active = |files: &[(String, Vec<u8>)]| -> Vec<(String, u64)> {
+        files
+            .iter()
+            .map(|(name, bytes)| {
+                let j: Value = serde_json::from_slice(bytes).unwrap_or_else(|e| {
+                    panic!("{name} is not whole JSON during the election: {e}")
+                });
+                (name.clone(), j["active_version"].as_u64().unwrap())
+            })
+            .collect()
+    };
+    let at_kill = active(&files_at_kill);
+    for files in &files_during_election {
+        let now = active(files);
+        let names = |v: &[(String, u64)]| v.iter().map(|x| x.0.clone()).collect::<Vec<_>>();
+        assert_eq!(
+            names(&now),
+            names(&at_kill),
+            "files appeared or vanished without a leader"
+        );
+        for (((name, v), (_, v0)), vmax) in now.iter().zip(&at_kill).zip(&final_versions) {
+            assert!(
+                v0 <= v && v <= vmax,
+                "{name}: v{v} during the election (v{v0} at the kill, Vault has v{vmax})"
+            );
+        }
+    }
     for k in keys {
         let key = cluster.key(k).unwrap();
         let latest = assert_versions_whole_and_spaced(k, &key, period);
