@@ -240,3 +240,51 @@ fn a_dns_outage_keeps_the_old_selector_and_deletes_nothing() {
     });
     assert_eq!(signing_selector(&sc), "kr2");
 }
+
+/// The TXT value for `version` of an ed25519 transit key, from Vault's public key.
+fn vault_record(bao: &Bao, key: &str, version: u32) -> String {
+    let k = bao.key("transit", key);
+    let public = k["keys"][version.to_string()]["public_key"]
+        .as_str()
+        .unwrap();
+    keyroll::dns::records::record_value(keyroll::keyformat::DkimAlgorithm::Ed25519, version, public)
+        .unwrap()
+}
+
+#[test]
+fn once_signs_with_the_newest_version_dns_serves_not_the_latest() {
+    let bao = Bao::shared();
+    let key = unique("dns-once");
+    create_key(bao, &key, "ed25519");
+    rotate(bao, &key);
+    rotate(bao, &key);
+    let knot = Knot::start();
+    // v1 and v2 are published, v3 (the latest) is not.
+    publish(&knot, &owner(1), &vault_record(bao, &key, 1));
+    publish(&knot, &owner(2), &vault_record(bao, &key, 2));
+    let dir = common::sidecar::workdir();
+    let out = dir.path().join("out");
+    let cfg = dir.path().join("sidecar.toml");
+    std::fs::write(
+        &cfg,
+        format!(
+            "output_dir = \"{}\"\n[listen]\nenabled = false\n\
+             [[keys]]\nname = \"{key}\"\nformat = \"opendkim\"\ndomain = \"example.com\"\n\
+             activation = \"dns\"\n[dns]\nservers = [\"{}\"]\ntimeout = \"2s\"\n",
+            out.display(),
+            knot.server()
+        ),
+    )
+    .unwrap();
+    let (code, stdout, stderr) = common::run(
+        bao.keyroll("keyroll-sidecar")
+            .arg("-c")
+            .arg(&cfg)
+            .arg("--once"),
+    );
+    assert_eq!(code, 0, "{stdout}{stderr}");
+    let table = std::fs::read_to_string(out.join("SigningTable")).unwrap();
+    assert_eq!(table, "*@example.com kr2._domainkey.example.com\n");
+    // Every version's key is delivered all the same.
+    assert!(out.join("keys/kr3.example.com.private").exists());
+}

@@ -128,10 +128,11 @@ impl ClosedLoop {
             .filter(|k| k.dns_zone.is_some())
             .map(|k| {
                 let id = id_of(k);
+                let known = self.signing.contains_key(&id);
                 let set = self
                     .gates
                     .get(&id)
-                    .map(KeyGate::confirmed)
+                    .map(|g| g.allowed(known))
                     .unwrap_or_default();
                 (id, set)
             })
@@ -256,6 +257,14 @@ impl ClosedLoop {
                 continue;
             };
             let id = id_of(k);
+            if k.dns_zone.is_some() {
+                // What signs stays allowed (sticky), whatever chose it.
+                let g = self.gates.entry(id.clone()).or_default();
+                if !g.versions.get(&version).is_some_and(|v| v.confirmed()) {
+                    g.versions
+                        .insert(version, gate::VersionGate::already_signing(now));
+                }
+            }
             if self.signing.get(&id).map(|s| s.version) != Some(version) {
                 if let Some(old) = self.signing.get(&id) {
                     tracing::info!(key = %k.name, from = old.version, to = version, %selector, "the mailer now signs with a new selector");

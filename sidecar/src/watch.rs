@@ -298,6 +298,9 @@ impl Watcher {
         let mut r = PassResult::default();
         self.read_vault(&mut r).await;
         if r.vault_error.is_none() && r.failed_keys.is_empty() && self.key_errors.is_empty() {
+            // One DNS check: with activation = "dns" the newest version served right now signs
+            // (no negative TTL can pass within one run), not a blind choice.
+            self.check_dns().await;
             let delivered = self.republish().await;
             r.published = matches!(delivered, Some(Delivered::Published { .. }));
             r.complete = matches!(
@@ -334,7 +337,9 @@ impl Watcher {
         // DNS is checked whatever Vault said: the material known is what gets delivered.
         self.check_dns().await;
         let delivered = self.republish().await;
-        self.report().await;
+        if r.vault_error.is_none() {
+            self.report().await;
+        }
         r.published = matches!(delivered, Some(Delivered::Published { .. }));
         let live_ok = matches!(
             delivered,

@@ -216,12 +216,29 @@ impl KeyGate {
             .collect()
     }
 
-    /// The versions a check must ask about: usable ones newer than the one signing, not yet
-    /// confirmed. Steady state (the newest version signs) asks nothing.
+    /// The versions allowed to sign when this process does not know yet which version the
+    /// mailer signs with (a cold start without a live SigningTable, `--once`): the confirmed
+    /// ones, else the newest one every server serves right now — a better first guess than the
+    /// oldest version, whose record may be on its way out — else none (the oldest signs).
+    pub fn allowed(&self, signing_known: bool) -> BTreeSet<u32> {
+        let confirmed = self.confirmed();
+        if signing_known || !confirmed.is_empty() {
+            return confirmed;
+        }
+        self.versions
+            .iter()
+            .filter(|(_, g)| g.last == Some(Seen::Served))
+            .map(|(v, _)| *v)
+            .max()
+            .into_iter()
+            .collect()
+    }
+
+    /// The versions a check must ask about: usable ones newer than the one signing (every one
+    /// when that is unknown), not yet confirmed. Steady state (the newest version signs) asks
+    /// nothing.
     pub fn to_check(&self, usable: &[u32], signing: Option<u32>) -> Vec<u32> {
-        let floor = signing
-            .or_else(|| usable.iter().copied().min())
-            .unwrap_or(0);
+        let floor = signing.unwrap_or(0);
         let mut v: Vec<u32> = usable
             .iter()
             .copied()
@@ -412,10 +429,35 @@ mod tests {
     }
 
     #[test]
+    fn a_cold_start_allows_the_newest_version_served_now_until_one_is_confirmed() {
+        let now = ts("2026-01-01T00:00:00Z");
+        let ttl = Some(Duration::from_secs(5));
+        let mut k = KeyGate::default();
+        let gone = Seen::Missing {
+            server: "ns0".into(),
+            answer: "NXDOMAIN".into(),
+        };
+        k.versions
+            .entry(1)
+            .or_default()
+            .observe(Seen::Served, ttl, now);
+        k.versions
+            .entry(2)
+            .or_default()
+            .observe(Seen::Served, ttl, now);
+        k.versions.entry(3).or_default().observe(gone, ttl, now);
+        assert_eq!(k.allowed(false), BTreeSet::from([2]));
+        // Once this process knows what signs, only confirmed versions may.
+        assert_eq!(k.allowed(true), BTreeSet::new());
+        k.versions.insert(1, VersionGate::already_signing(now));
+        assert_eq!(k.allowed(false), BTreeSet::from([1]));
+    }
+
+    #[test]
     fn only_unconfirmed_versions_newer_than_the_signing_one_are_checked() {
         let mut k = KeyGate::default();
         assert_eq!(k.to_check(&[1, 2, 3], Some(1)), [2, 3]);
-        assert_eq!(k.to_check(&[1, 2, 3], None), [2, 3]);
+        assert_eq!(k.to_check(&[1, 2, 3], None), [1, 2, 3]);
         k.versions
             .insert(2, VersionGate::already_signing(ts("2026-01-01T00:00:00Z")));
         assert_eq!(k.to_check(&[1, 2, 3], Some(1)), [3]);
