@@ -251,6 +251,8 @@ fn vault_record(bao: &Bao, key: &str, version: u32) -> String {
         .unwrap()
 }
 
+/// Also the NS-set mode: the sidecar asks Knot for example.com's NS set (ns1 → 127.0.0.1) and
+/// checks every server in it.
 #[test]
 fn once_signs_with_the_newest_version_dns_serves_not_the_latest() {
     let bao = Bao::shared();
@@ -270,9 +272,10 @@ fn once_signs_with_the_newest_version_dns_serves_not_the_latest() {
         format!(
             "output_dir = \"{}\"\n[listen]\nenabled = false\n\
              [[keys]]\nname = \"{key}\"\nformat = \"opendkim\"\ndomain = \"example.com\"\n\
-             activation = \"dns\"\n[dns]\nservers = [\"{}\"]\ntimeout = \"2s\"\n",
+             activation = \"dns\"\n[dns]\nnameserver = \"{}\"\nport = {}\ntimeout = \"2s\"\n",
             out.display(),
-            knot.server()
+            knot.server(),
+            knot.port
         ),
     )
     .unwrap();

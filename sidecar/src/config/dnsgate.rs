@@ -247,10 +247,7 @@ pub(super) fn report(
     raw: Option<Spanned<RawReport>>,
     line_of: &dyn Fn(std::ops::Range<usize>) -> usize,
 ) -> Result<ReportSettings, FieldError> {
-    let (table_line, r) = match raw {
-        Some(r) => (Some(line_of(r.span())), r.into_inner()),
-        None => (None, RawReport::default()),
-    };
+    let r = raw.map(Spanned::into_inner).unwrap_or_default();
     let segment = |v: Option<Spanned<String>>,
                    field: &'static str,
                    default: &str,
@@ -296,7 +293,6 @@ pub(super) fn report(
         true,
     )?;
     let sidecar_id = segment(r.sidecar_id, "report.sidecar_id", &host_id(), false)?;
-    let _ = table_line;
     Ok(ReportSettings {
         enabled: r.enabled.unwrap_or(true),
         state: keyroll::policy::StateSettings {
