@@ -21,6 +21,7 @@ use keyroll::dns::records::owner_name;
 use keyroll::render::{opendkim, FileSet, KeyMaterial, OpenDkimSpec, OutputSpec};
 use keyroll::signing::{self, SigningReport, REFRESH_AFTER};
 use keyroll::vault::Vault;
+use tracing::Instrument as _;
 
 use crate::config::{Config, KeySpec};
 use crate::desired::{id_of, KeyId};
@@ -199,8 +200,11 @@ impl ClosedLoop {
                 continue;
             }
             let span = tracing::info_span!("dns", key = %k.name, zone = %zone);
+            let checked = dnscheck::check(dns, zone, &asks)
+                .instrument(span.clone())
+                .await;
+            // Entered only now: a span guard must not be held across an await.
             let _g = span.enter();
-            let checked = dnscheck::check(dns, zone, &asks).await;
             let now = Timestamp::now();
             shared.with(|s| {
                 s.counters.dns_queries_ok += checked.queries_ok;
