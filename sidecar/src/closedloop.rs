@@ -398,10 +398,24 @@ impl ClosedLoop {
             (Some(_), Some(g)) => {
                 let vg = g.versions.get(&newest.version).cloned().unwrap_or_default();
                 if vg.confirmed() {
-                    timer(
-                        "the record is confirmed; activate_after (the minimum) has not passed"
-                            .into(),
-                    )
+                    if timer_until.is_some_and(|t| t > Timestamp::now()) {
+                        timer(
+                            "the record is confirmed; activate_after (the minimum) has not passed"
+                                .into(),
+                        )
+                    } else {
+                        // Between a confirmation and the publish that moves SigningTable.
+                        Waiting {
+                            version: newest.version,
+                            selector: selector.clone(),
+                            state: "publishing",
+                            since: vg.waiting_since,
+                            until: None,
+                            reason: "the record is confirmed; the new SigningTable is being \
+                                     published"
+                                .into(),
+                        }
+                    }
                 } else {
                     let state = match &vg.last {
                         None => "not_checked",

@@ -55,7 +55,8 @@ pub struct DkimStatus {
 pub struct Waiting {
     pub version: u32,
     pub selector: String,
-    /// `not_checked`, `absent`, `wrong_key`, `unreachable`, `negative_ttl`, `activate_after`.
+    /// `not_checked`, `absent`, `wrong_key`, `unreachable`, `negative_ttl`, `activate_after`,
+    /// `publishing` (confirmed; the switch is being published).
     pub state: &'static str,
     /// Since when the version waits (first checked).
     #[serde(skip_serializing_if = "Option::is_none")]
