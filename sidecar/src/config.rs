@@ -66,6 +66,8 @@ struct RawConfig {
     snapshot_grace: Option<Spanned<String>>,
     listen: Option<Spanned<RawListen>>,
     reload: Option<Spanned<RawReload>>,
+    dns: Option<Spanned<RawDnsCheck>>,
+    report: Option<Spanned<RawReport>>,
     #[serde(default)]
     keys: Vec<Spanned<RawKey>>,
 }
@@ -101,6 +103,8 @@ struct RawKey {
     domain: Option<Spanned<String>>,
     selector: Option<Spanned<String>>,
     activate_after: Option<Spanned<String>>,
+    activation: Option<Spanned<String>>,
+    dns_zone: Option<Spanned<String>>,
     // pem
     private: Option<bool>,
     public: Option<bool>,
@@ -185,6 +189,8 @@ pub struct KeySpec {
     pub name: KeyName,
     pub mount: String,
     pub output: OutputSpec,
+    /// `activation = "dns"`: the zone holding the key's records (None: the timer decides).
+    pub dns_zone: Option<String>,
     /// Line of the entry in the config file, for messages.
     pub line: usize,
 }
@@ -220,6 +226,10 @@ pub struct Config {
     pub snapshot_grace: Duration,
     pub listen: ListenSettings,
     pub reload: Option<ReloadSettings>,
+    /// `[dns]`: how records are checked for keys with `activation = "dns"`.
+    pub dns: Option<DnsCheck>,
+    /// `[report]`: signing reports to keyroll's KV.
+    pub report: ReportSettings,
     pub keys: Vec<KeySpec>,
 }
 
@@ -369,11 +379,24 @@ impl Config {
             }
         };
 
+        let dns = match raw.dns {
+            None => None,
+            Some(s) => {
+                let line = line_of(s.span());
+                Some(
+                    dnsgate::dns_check(s.into_inner(), &line_of)
+                        .map_err(|(l, f, r)| at(l.unwrap_or(line), f, r))?,
+                )
+            }
+        };
+        let report = dnsgate::report(raw.report, &line_of)
+            .map_err(|(l, f, r)| at(l.unwrap_or(TOP_LINE), f, r))?;
+
         let mut keys = Vec::with_capacity(raw.keys.len());
         let mut seen = BTreeSet::new();
         for spanned in raw.keys {
             let line = line_of(spanned.span());
-            let key = key_spec(spanned.into_inner(), line, &line_of)
+            let key = key_spec(spanned.into_inner(), line, dns.as_ref(), &line_of)
                 .map_err(|(l, f, r)| at(l.unwrap_or(line), f, r))?;
             if !seen.insert((key.mount.clone(), key.name.clone(), key.format())) {
                 return Err(at(
@@ -414,6 +437,8 @@ impl Config {
             snapshot_grace,
             listen,
             reload,
+            dns,
+            report,
             keys,
         })
     }
@@ -436,8 +461,12 @@ const TOP_LINE: usize = 1;
 /// field, the reason.
 type FieldError = (Option<usize>, &'static str, String);
 
+mod dnsgate;
 mod sections;
 mod values;
+
+pub use dnsgate::{DnsCheck, GateServers, ReportSettings};
+use dnsgate::{RawDnsCheck, RawReport};
 
 use sections::{key_spec, reload_settings};
 pub use values::{parse_bounded, parse_mode, parse_owner, parse_percent};

@@ -68,9 +68,12 @@ pub fn plan(
     output_dir: &Path,
     material: &BTreeMap<KeyId, KeyMaterial>,
     disk: Disk,
+    gates: &BTreeMap<KeyId, BTreeSet<u32>>,
     now: Timestamp,
 ) -> Result<Plan, RenderError> {
     let mut inputs: Vec<(OutputSpec, KeyMaterial)> = Vec::new();
+    // The DNS gate of each input (`activation = "dns"` keys only), parallel to `inputs`.
+    let mut input_gates: Vec<Option<BTreeSet<u32>>> = Vec::new();
     let mut used: Vec<&KeyId> = Vec::new();
     let mut undelivered = Vec::new();
     let ids: Vec<KeyId> = keys.iter().map(id_of).collect();
@@ -78,6 +81,11 @@ pub fn plan(
         match material.get_key_value(id) {
             Some((id, m)) => {
                 inputs.push((k.output.clone(), m.clone()));
+                input_gates.push(if k.dns_zone.is_some() {
+                    Some(gates.get(id).cloned().unwrap_or_default())
+                } else {
+                    None
+                });
                 if !used.contains(&id) {
                     used.push(id);
                 }
@@ -97,7 +105,7 @@ pub fn plan(
             undelivered.join(", ")
         )));
     }
-    let set = render::render(output_dir, &inputs, now)?;
+    let set = render::render_gated(output_dir, &inputs, now, &input_gates)?;
     drop(inputs);
     let digest = digest(&set);
     let records: Vec<(&KeyId, &KeyMaterial)> =
@@ -185,6 +193,7 @@ mod tests {
             name: KeyName::new(name).unwrap(),
             mount: "transit".into(),
             output,
+            dns_zone: None,
             line: 1,
         }
     }
@@ -209,15 +218,44 @@ mod tests {
             spec("b", OutputSpec::KeyringJson),
         ];
         let only_a: BTreeMap<_, _> = [(id("a"), aes("a", &[1]))].into();
-        let d = publish(plan(&keys, Path::new("/o"), &only_a, Disk::Known, ts(NOW)).unwrap());
+        let d = publish(
+            plan(
+                &keys,
+                Path::new("/o"),
+                &only_a,
+                Disk::Known,
+                &BTreeMap::new(),
+                ts(NOW),
+            )
+            .unwrap(),
+        );
         assert_eq!(d.set.files.len(), 1);
         assert_eq!(d.undelivered, ["b"]);
-        match plan(&keys, Path::new("/o"), &only_a, Disk::Unknown, ts(NOW)).unwrap() {
+        match plan(
+            &keys,
+            Path::new("/o"),
+            &only_a,
+            Disk::Unknown,
+            &BTreeMap::new(),
+            ts(NOW),
+        )
+        .unwrap()
+        {
             Plan::Hold(why) => assert!(why.contains('b'), "{why}"),
             Plan::Publish(_) => panic!("published over an unknown snapshot without b"),
         }
         let both: BTreeMap<_, _> = [(id("a"), aes("a", &[1])), (id("b"), aes("b", &[1]))].into();
-        let d = publish(plan(&keys, Path::new("/o"), &both, Disk::Unknown, ts(NOW)).unwrap());
+        let d = publish(
+            plan(
+                &keys,
+                Path::new("/o"),
+                &both,
+                Disk::Unknown,
+                &BTreeMap::new(),
+                ts(NOW),
+            )
+            .unwrap(),
+        );
         assert_eq!(d.set.files.len(), 2);
     }
 
@@ -226,7 +264,15 @@ mod tests {
         let keys = [spec("a", OutputSpec::KeyringJson)];
         let none = BTreeMap::new();
         assert!(matches!(
-            plan(&keys, Path::new("/o"), &none, Disk::Known, ts(NOW)).unwrap(),
+            plan(
+                &keys,
+                Path::new("/o"),
+                &none,
+                Disk::Known,
+                &BTreeMap::new(),
+                ts(NOW)
+            )
+            .unwrap(),
             Plan::Hold(_)
         ));
     }
@@ -238,13 +284,32 @@ mod tests {
             spec("b", OutputSpec::KeyringJson),
         ];
         let m: BTreeMap<_, _> = [(id("a"), aes("a", &[1, 2])), (id("b"), aes("b", &[3]))].into();
-        let d = publish(plan(&keys, Path::new("/o"), &m, Disk::Known, ts(NOW)).unwrap());
+        let d = publish(
+            plan(
+                &keys,
+                Path::new("/o"),
+                &m,
+                Disk::Known,
+                &BTreeMap::new(),
+                ts(NOW),
+            )
+            .unwrap(),
+        );
         let back = state::decode(&d.state).unwrap();
         assert_eq!(back.digest, d.digest);
         assert_eq!(back.keys.len(), 2);
         // Rendering the recovered material gives the same files.
-        let again =
-            publish(plan(&keys, Path::new("/o"), &back.keys, Disk::Known, ts(NOW)).unwrap());
+        let again = publish(
+            plan(
+                &keys,
+                Path::new("/o"),
+                &back.keys,
+                Disk::Known,
+                &BTreeMap::new(),
+                ts(NOW),
+            )
+            .unwrap(),
+        );
         assert_eq!(again.set, d.set);
         assert_eq!(again.digest, d.digest);
     }
@@ -254,9 +319,39 @@ mod tests {
         let keys = [spec("a", OutputSpec::KeyringJson)];
         let one: BTreeMap<_, _> = [(id("a"), aes("a", &[1]))].into();
         let two: BTreeMap<_, _> = [(id("a"), aes("a", &[1, 2]))].into();
-        let d1 = publish(plan(&keys, Path::new("/o"), &one, Disk::Known, ts(NOW)).unwrap());
-        let d1b = publish(plan(&keys, Path::new("/o"), &one, Disk::Known, ts(NOW)).unwrap());
-        let d2 = publish(plan(&keys, Path::new("/o"), &two, Disk::Known, ts(NOW)).unwrap());
+        let d1 = publish(
+            plan(
+                &keys,
+                Path::new("/o"),
+                &one,
+                Disk::Known,
+                &BTreeMap::new(),
+                ts(NOW),
+            )
+            .unwrap(),
+        );
+        let d1b = publish(
+            plan(
+                &keys,
+                Path::new("/o"),
+                &one,
+                Disk::Known,
+                &BTreeMap::new(),
+                ts(NOW),
+            )
+            .unwrap(),
+        );
+        let d2 = publish(
+            plan(
+                &keys,
+                Path::new("/o"),
+                &two,
+                Disk::Known,
+                &BTreeMap::new(),
+                ts(NOW),
+            )
+            .unwrap(),
+        );
         assert_eq!(d1.digest, d1b.digest);
         assert_ne!(d1.digest, d2.digest);
     }
@@ -304,7 +399,17 @@ mod tests {
             ),
         )]
         .into();
-        let d = publish(plan(&keys, Path::new("/o"), &m, Disk::Known, ts(NOW)).unwrap());
+        let d = publish(
+            plan(
+                &keys,
+                Path::new("/o"),
+                &m,
+                Disk::Known,
+                &BTreeMap::new(),
+                ts(NOW),
+            )
+            .unwrap(),
+        );
         assert_eq!(d.next_change, Some(ts("2026-02-01T01:00:00Z")));
         let later = publish(
             plan(
@@ -312,6 +417,7 @@ mod tests {
                 Path::new("/o"),
                 &m,
                 Disk::Known,
+                &BTreeMap::new(),
                 ts("2026-02-01T01:00:00Z"),
             )
             .unwrap(),

@@ -7,11 +7,13 @@
 
 mod app;
 mod backoff;
+mod closedloop;
 mod config;
 #[cfg(test)]
 mod config_fuzz;
 mod deliver;
 mod desired;
+mod dnscheck;
 mod fetch;
 mod http;
 mod pidcheck;

@@ -27,6 +27,44 @@ pub struct KeyStatus {
     /// Versions in the live files (empty until first delivered).
     pub versions: Vec<u32>,
     pub latest_version: u32,
+    /// DKIM keys (format opendkim): which selector signs, and what a new one waits for.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub dkim: Option<DkimStatus>,
+}
+
+/// Which version of a DKIM key signs, and (with `activation = "dns"`) why a newer one does not
+/// sign yet.
+#[derive(Debug, Clone, Default, Serialize, PartialEq, Eq)]
+pub struct DkimStatus {
+    /// `timer` or `dns`.
+    pub activation: &'static str,
+    /// The version the live SigningTable signs with (0 before the first publish).
+    pub signing_version: u32,
+    pub signing_selector: String,
+    /// A newer version is delivered but does not sign yet (normal during a rotation).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub waiting: Option<Waiting>,
+    /// Something an operator must fix before the rotation can finish (a record with another
+    /// key): `/healthz` says "warning" (still 200).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub warning: Option<String>,
+}
+
+/// The newest version not signing yet, and why.
+#[derive(Debug, Clone, Serialize, PartialEq, Eq)]
+pub struct Waiting {
+    pub version: u32,
+    pub selector: String,
+    /// `not_checked`, `absent`, `wrong_key`, `unreachable`, `negative_ttl`, `activate_after`,
+    /// `publishing` (confirmed; the switch is being published).
+    pub state: &'static str,
+    /// Since when the version waits (first checked).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub since: Option<Timestamp>,
+    /// When it may sign at the earliest, if known (negative TTL or `activate_after` running).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub until: Option<Timestamp>,
+    pub reason: String,
 }
 
 /// Counters and gauges exported on `/metrics`.
@@ -41,6 +79,10 @@ pub struct Counters {
     pub reloads_failed: u64,
     pub config_reloads_ok: u64,
     pub config_reloads_failed: u64,
+    pub dns_queries_ok: u64,
+    pub dns_queries_failed: u64,
+    pub reports_ok: u64,
+    pub reports_failed: u64,
     pub errors: BTreeMap<&'static str, u64>,
 }
 
@@ -59,6 +101,9 @@ pub struct Status {
     /// The last config file change was rejected (the previous config is in force).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub config_error: Option<String>,
+    /// The last signing report to Vault failed (retried each pass; not degraded).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub report_error: Option<String>,
     pub last_success: Option<Timestamp>,
     pub last_publish: Option<Timestamp>,
     pub last_reload: Option<Timestamp>,
@@ -74,6 +119,16 @@ impl Status {
             || self.keys.values().any(|k| !k.healthy)
     }
 
+    /// Conditions that need an operator but do not stop delivery: a DKIM record served with
+    /// another key, a failing signing report.
+    pub fn warning(&self) -> bool {
+        self.report_error.is_some()
+            || self
+                .keys
+                .values()
+                .any(|k| k.dkim.as_ref().is_some_and(|d| d.warning.is_some()))
+    }
+
     pub fn error(&mut self, kind: &'static str) {
         *self.counters.errors.entry(kind).or_default() += 1;
     }
@@ -86,7 +141,13 @@ impl Status {
             #[serde(flatten)]
             s: &'a Status,
         }
-        let status = if self.degraded() { "degraded" } else { "ok" };
+        let status = if self.degraded() {
+            "degraded"
+        } else if self.warning() {
+            "warning"
+        } else {
+            "ok"
+        };
         serde_json::to_string_pretty(&H { status, s: self }).unwrap_or_default()
     }
 
@@ -177,15 +238,41 @@ impl Status {
                 ("{result=\"error\"}", c.config_reloads_failed),
             ],
         );
-        let errs: Vec<(String, u64)> = ["vault", "key", "render", "publish", "reload", "config"]
-            .iter()
-            .map(|k| {
-                (
-                    format!("{{kind=\"{k}\"}}"),
-                    c.errors.get(k).copied().unwrap_or(0),
-                )
-            })
-            .collect();
+        counter(
+            &mut o,
+            "dns_queries",
+            "DNS queries of activation = \"dns\" by result (none once every key signs with its newest version).",
+            &[
+                ("{result=\"ok\"}", c.dns_queries_ok),
+                ("{result=\"error\"}", c.dns_queries_failed),
+            ],
+        );
+        counter(
+            &mut o,
+            "signing_reports",
+            "Signing reports written to Vault KV by result.",
+            &[
+                ("{result=\"ok\"}", c.reports_ok),
+                ("{result=\"error\"}", c.reports_failed),
+            ],
+        );
+        gauge(
+            &mut o,
+            "warning",
+            "1 while a DKIM record is served with another key or signing reports fail.",
+            b(self.warning()),
+        );
+        let errs: Vec<(String, u64)> = [
+            "vault", "key", "render", "publish", "reload", "config", "dns", "report",
+        ]
+        .iter()
+        .map(|k| {
+            (
+                format!("{{kind=\"{k}\"}}"),
+                c.errors.get(k).copied().unwrap_or(0),
+            )
+        })
+        .collect();
         let errs: Vec<(&str, u64)> = errs.iter().map(|(l, v)| (l.as_str(), *v)).collect();
         counter(&mut o, "errors", "Errors by kind.", &errs);
         let _ = writeln!(
@@ -218,6 +305,48 @@ impl Status {
         for (name, k) in &self.keys {
             let _ = writeln!(o, "keyroll_sidecar_key_latest_version_published{{key=\"{name}\",mount=\"{}\",format=\"{}\"}} {}", k.mount, k.format, k.versions.last().copied().unwrap_or(0));
         }
+        let dkim: Vec<(&String, &KeyStatus, &DkimStatus)> = self
+            .keys
+            .iter()
+            .filter_map(|(n, k)| k.dkim.as_ref().map(|d| (n, k, d)))
+            .collect();
+        let per_key = |o: &mut String, name: &str, help: &str, f: &dyn Fn(&DkimStatus) -> f64| {
+            let _ = writeln!(o, "# HELP keyroll_sidecar_key_{name} {help}");
+            let _ = writeln!(o, "# TYPE keyroll_sidecar_key_{name} gauge");
+            for (key, k, d) in &dkim {
+                let _ = writeln!(
+                    o,
+                    "keyroll_sidecar_key_{name}{{key=\"{key}\",mount=\"{}\",activation=\"{}\"}} {}",
+                    k.mount,
+                    d.activation,
+                    f(d)
+                );
+            }
+        };
+        per_key(
+            &mut o,
+            "signing_version",
+            "Version the live SigningTable signs with.",
+            &|d| f64::from(d.signing_version),
+        );
+        per_key(
+            &mut o,
+            "dns_waiting",
+            "1 while a newer version is delivered but waits for DNS (or activate_after).",
+            &|d| b(d.waiting.is_some()),
+        );
+        per_key(
+            &mut o,
+            "dns_waiting_since_timestamp_seconds",
+            "Since when the newer version waits (0: not waiting).",
+            &|d| ts(d.waiting.as_ref().and_then(|w| w.since)),
+        );
+        per_key(
+            &mut o,
+            "dns_wrong_key",
+            "1 while a server answers the waiting version's record with another key.",
+            &|d| b(d.waiting.as_ref().is_some_and(|w| w.state == "wrong_key")),
+        );
         o
     }
 }
@@ -331,6 +460,7 @@ mod tests {
                 versions: vec![1, 2],
                 latest_version: 2,
                 error: None,
+                dkim: None,
             },
         );
         s.error("vault");

@@ -29,6 +29,7 @@ use tokio::sync::{watch, Notify};
 use tokio::time::Instant;
 
 use crate::backoff::{jittered, Backoff};
+use crate::closedloop::ClosedLoop;
 use crate::config::Config;
 use crate::deliver::{self, Delivered, Deliverer, Recovery};
 use crate::desired::{self, Digest, Disk, KeyId, Plan};
@@ -83,6 +84,8 @@ pub struct Watcher {
     generation: u64,
     next_change: Option<Timestamp>,
     announced: bool,
+    /// Which version each DKIM key signs with, the DNS gate, signing reports.
+    closed: ClosedLoop,
 }
 
 impl Watcher {
@@ -109,6 +112,7 @@ impl Watcher {
             generation: 0,
             next_change: None,
             announced: false,
+            closed: ClosedLoop::default(),
         };
         if let Some(v) = vault {
             w.adopt(v);
@@ -138,6 +142,13 @@ impl Watcher {
                     .into_iter()
                     .filter(|(id, _)| wanted.contains(id))
                     .collect();
+                let table = std::fs::read_to_string(self.cfg.output_dir.join("SigningTable")).ok();
+                self.closed.recover(
+                    &self.cfg.keys,
+                    &self.material,
+                    table.as_deref(),
+                    Timestamp::now(),
+                );
                 self.deliverer.assume_live(r.digest);
                 self.live = Some(r.digest);
                 self.reloads.live(r.digest, self.cfg.reload.as_ref());
@@ -172,9 +183,11 @@ impl Watcher {
         loop {
             let change_at = self.next_change.map(instant_at);
             let retry_at = self.deliverer.retry_at();
+            let dns_at = self.closed.due().map(instant_at);
             enum Why {
                 Full,
                 Republish,
+                Dns,
                 Stop,
             }
             let far = Instant::now() + MAX_TIMER;
@@ -201,6 +214,9 @@ impl Watcher {
                     self.next_change = None;
                     Why::Republish
                 }
+                // A waiting version's negative TTL runs out: check DNS again now rather than
+                // at the next poll.
+                _ = tokio::time::sleep_until(dns_at.unwrap_or(far)), if dns_at.is_some() => Why::Dns,
                 _ = tokio::time::sleep_until(heal_at.unwrap_or(far)), if heal_at.is_some() => {
                     heal_at = None;
                     Why::Republish
@@ -214,6 +230,12 @@ impl Watcher {
                 Why::Stop => return None,
                 Why::Republish => {
                     self.republish().await;
+                    self.report().await;
+                }
+                Why::Dns => {
+                    self.check_dns().await;
+                    self.republish().await;
+                    self.report().await;
                 }
                 Why::Full => {
                     let ticket = shared.pass_started();
@@ -276,6 +298,9 @@ impl Watcher {
         let mut r = PassResult::default();
         self.read_vault(&mut r).await;
         if r.vault_error.is_none() && r.failed_keys.is_empty() && self.key_errors.is_empty() {
+            // One DNS check: with activation = "dns" the newest version served right now signs
+            // (no negative TTL can pass within one run), not a blind choice.
+            self.check_dns().await;
             let delivered = self.republish().await;
             r.published = matches!(delivered, Some(Delivered::Published { .. }));
             r.complete = matches!(
@@ -309,7 +334,12 @@ impl Watcher {
         if self.vault.is_some() {
             self.read_vault(&mut r).await;
         }
+        // DNS is checked whatever Vault said: the material known is what gets delivered.
+        self.check_dns().await;
         let delivered = self.republish().await;
+        if r.vault_error.is_none() {
+            self.report().await;
+        }
         r.published = matches!(delivered, Some(Delivered::Published { .. }));
         let live_ok = matches!(
             delivered,
@@ -462,6 +492,25 @@ impl Watcher {
         self.update_key_status();
     }
 
+    /// Checks DNS for the dns-gated keys; a newly confirmed version changes the desired set.
+    async fn check_dns(&mut self) {
+        if self
+            .closed
+            .check(&self.cfg, &self.material, &self.shared)
+            .await
+        {
+            self.generation += 1;
+        }
+        self.update_key_status();
+    }
+
+    /// Writes the signing reports that are due (never in `--once`: no mailer signs yet).
+    async fn report(&mut self) {
+        if let Some(vault) = self.vault.clone() {
+            self.closed.report(&self.cfg, &vault, &self.shared).await;
+        }
+    }
+
     /// Works out the desired set from the known material and delivers it, unless a failed
     /// attempt with the same inputs is still backing off. Reports the outcome; returns None
     /// when nothing was attempted.
@@ -479,6 +528,7 @@ impl Watcher {
             &self.cfg.output_dir,
             &self.material,
             self.disk,
+            &self.closed.gates(&self.cfg.keys),
             now,
         );
         let d = match plan {
@@ -555,6 +605,9 @@ impl Watcher {
             self.disk = Disk::Known;
             self.live = Some(d.digest);
             self.reloads.live(d.digest, self.cfg.reload.as_ref());
+            self.closed
+                .published(&self.cfg.keys, &self.material, &d.set, Timestamp::now());
+            self.update_key_status();
         }
         Some(delivered)
     }
@@ -597,6 +650,7 @@ impl Watcher {
                         error,
                         latest_version: known.map(|m| m.latest_version).unwrap_or(0),
                         versions,
+                        dkim: self.closed.status(k, known),
                     },
                 )
             })

@@ -13,6 +13,7 @@
 pub mod client;
 pub mod config;
 pub mod error;
+pub mod gate;
 pub mod lifecycle;
 pub mod observe;
 pub mod query;

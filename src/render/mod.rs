@@ -276,12 +276,26 @@ pub fn render(
     keys: &[(OutputSpec, KeyMaterial)],
     now: Timestamp,
 ) -> Result<FileSet, RenderError> {
+    render_gated(output_dir, keys, now, &[])
+}
+
+/// [`render`] with a DNS gate per opendkim key (the sidecar's `activation = "dns"`):
+/// `gates[i]`, when given, lists the versions of `keys[i]` whose records DNS is known to serve;
+/// only those may sign (besides the timer rule), and when none of them may, the oldest version
+/// signs as without a gate. Every version's key file and KeyTable line are rendered regardless.
+/// A missing entry (or a short slice) means no gate.
+pub fn render_gated(
+    output_dir: &Path,
+    keys: &[(OutputSpec, KeyMaterial)],
+    now: Timestamp,
+    gates: &[Option<std::collections::BTreeSet<u32>>],
+) -> Result<FileSet, RenderError> {
     let mut parts: Vec<Rendered> = Vec::new();
     let mut dkim = Vec::new();
-    for (spec, key) in keys {
+    for (i, (spec, key)) in keys.iter().enumerate() {
         check_versions(key)?;
         match spec {
-            OutputSpec::OpenDkim(s) => dkim.push((s, key)),
+            OutputSpec::OpenDkim(s) => dkim.push((s, key, gates.get(i).and_then(Option::as_ref))),
             OutputSpec::Pem(s) => parts.push(pem::render(s, key)?),
             OutputSpec::KeyringJson => parts.push(keyring::render(key)?),
         }

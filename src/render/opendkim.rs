@@ -75,7 +75,11 @@ struct Record<'a> {
 
 pub(crate) fn render(
     output_dir: &Path,
-    keys: &[(&OpenDkimSpec, &KeyMaterial)],
+    keys: &[(
+        &OpenDkimSpec,
+        &KeyMaterial,
+        Option<&std::collections::BTreeSet<u32>>,
+    )],
     now: Timestamp,
 ) -> Result<DkimOutput, RenderError> {
     let dir = keytable_dir(output_dir)?;
@@ -84,7 +88,7 @@ pub(crate) fn render(
     let mut signing: Vec<(String, String, String)> = Vec::new();
     let mut next_change: Option<Timestamp> = None;
 
-    for &(spec, key) in keys {
+    for &(spec, key, gate) in keys {
         let alg = match key.key_type {
             t if t.is_rsa() => DkimAlgorithm::Rsa,
             KeyType::Ed25519 => DkimAlgorithm::Ed25519,
@@ -126,8 +130,16 @@ pub(crate) fn render(
             selectors.insert(v.version, selector);
             entries.push(entry);
         }
+        // A DNS gate narrows who may sign to the versions DNS serves; the oldest version still
+        // signs when none may (a key must sign with something), as the timer rule does.
+        let oldest = versions.iter().map(|v| v.version).min();
+        let eligible: Vec<&VersionMaterial> = versions
+            .iter()
+            .copied()
+            .filter(|v| gate.is_none_or(|g| g.contains(&v.version) || Some(v.version) == oldest))
+            .collect();
         let (active, change) =
-            active_version(&versions, spec.activate_after, now).map_err(|what| {
+            active_version(&eligible, spec.activate_after, now).map_err(|what| {
                 RenderError::BadSpec {
                     key: key.name.clone(),
                     what,
@@ -558,6 +570,56 @@ mod tests {
             "*@example.com kr3._domainkey.example.com\n"
         );
         assert_eq!(set.next_change, None);
+    }
+
+    #[test]
+    fn a_dns_gate_keeps_signing_on_served_versions_but_delivers_every_key() {
+        use std::collections::BTreeSet;
+        let key = || {
+            rsa_key(
+                "dkim",
+                &[
+                    (1, "2026-01-01T00:00:00Z"),
+                    (2, "2026-02-01T00:00:00Z"),
+                    (3, "2026-03-01T00:00:00Z"),
+                ],
+            )
+        };
+        let gated = |gate: &[u32], after: Option<Duration>| {
+            super::super::render_gated(
+                Path::new("/etc/opendkim/keyroll/"),
+                &[(spec("example.com", "kr{version}", after), key())],
+                ts("2026-03-02T00:00:00Z"),
+                &[Some(gate.iter().copied().collect::<BTreeSet<u32>>())],
+            )
+            .unwrap()
+        };
+        // Nothing served: the oldest signs; every key file and KeyTable line is still there.
+        let set = gated(&[], None);
+        assert_eq!(
+            text(&set, "SigningTable"),
+            "*@example.com kr1._domainkey.example.com\n"
+        );
+        assert!(paths(&set).contains(&"keys/kr3.example.com.private"));
+        assert!(text(&set, "KeyTable").contains("kr3._domainkey.example.com"));
+        // v2 served: v2 signs, not the unserved latest.
+        let set = gated(&[2], None);
+        assert!(text(&set, "SigningTable").contains("kr2._domainkey"));
+        // The timer stays a minimum: v3 served but one day old with a two-day minimum.
+        let set = gated(&[2, 3], Some(2 * DAY));
+        assert!(text(&set, "SigningTable").contains("kr2._domainkey"));
+        assert_eq!(set.next_change, Some(ts("2026-03-03T00:00:00Z")));
+        // No gate at all is the ungated rendering.
+        assert_eq!(
+            super::super::render_gated(
+                Path::new("/etc/opendkim/keyroll/"),
+                &[(spec("example.com", "kr{version}", None), key())],
+                ts("2026-03-02T00:00:00Z"),
+                &[None],
+            )
+            .unwrap(),
+            one(key(), None, "2026-03-02T00:00:00Z")
+        );
     }
 
     #[test]

@@ -18,6 +18,7 @@ use super::{
 pub(super) fn key_spec(
     k: RawKey,
     line: usize,
+    dns: Option<&super::DnsCheck>,
     line_of: &dyn Fn(std::ops::Range<usize>) -> usize,
 ) -> Result<KeySpec, FieldError> {
     let name = k.name.ok_or((
@@ -52,8 +53,11 @@ pub(super) fn key_spec(
             "keys.activate_after",
             k.activate_after.is_some(),
             "opendkim",
-        )
+        )?;
+        only("keys.activation", k.activation.is_some(), "opendkim")?;
+        only("keys.dns_zone", k.dns_zone.is_some(), "opendkim")
     };
+    let mut dns_zone = None;
     let output = match format.as_str() {
         "opendkim" => {
             only("keys.private", k.private.is_some(), "pem")?;
@@ -86,6 +90,13 @@ pub(super) fn key_spec(
                     )
                 }
             };
+            dns_zone = super::dnsgate::key_activation(
+                k.activation.clone(),
+                k.dns_zone.clone(),
+                &domain,
+                dns,
+                line_of,
+            )?;
             OutputSpec::OpenDkim(OpenDkimSpec {
                 domain,
                 selector_template,
@@ -125,6 +136,7 @@ pub(super) fn key_spec(
         name,
         mount,
         output,
+        dns_zone,
         line,
     })
 }

@@ -250,3 +250,115 @@ fn modes_owners_and_percentages_parse() {
     assert!((parse_percent("25%").unwrap() - 0.25).abs() < 1e-9);
     assert!(parse_percent("80%").is_err());
 }
+
+const DKIM: &str = "output_dir = \"/out\"\n[[keys]]\nname = \"k\"\nformat = \"opendkim\"\ndomain = \"mail.example.com\"\n";
+
+#[test]
+fn activation_defaults_to_the_timer_and_dns_needs_a_dns_section() {
+    let c = load(DKIM).unwrap();
+    assert_eq!(c.keys[0].dns_zone, None);
+    assert!(c.dns.is_none());
+    assert!(c.report.enabled);
+    assert_eq!(c.report.state.mount, "secret");
+    assert_eq!(c.report.state.path, "keyroll");
+    assert!(!c.report.sidecar_id.is_empty());
+    let e = load(&format!("{DKIM}activation = \"dns\"\n")).unwrap_err();
+    assert!(
+        e.starts_with("/etc/sidecar.toml:6: keys.activation: ") && e.contains("[dns]"),
+        "{e}"
+    );
+    let e = load(&format!("{DKIM}activation = \"soon\"\n")).unwrap_err();
+    assert!(
+        e.contains("keys.activation") && e.contains("\"timer\" or \"dns\""),
+        "{e}"
+    );
+}
+
+#[test]
+fn dns_activation_takes_the_zone_from_the_key_the_section_or_the_domain() {
+    let dns = "[dns]\nservers = [\"127.0.0.1:5353\"]\ntimeout = \"2s\"\n";
+    let c = load(&format!("{DKIM}activation = \"dns\"\n{dns}")).unwrap();
+    assert_eq!(c.keys[0].dns_zone.as_deref(), Some("mail.example.com"));
+    let d = c.dns.unwrap();
+    assert_eq!(d.timeout, Duration::from_secs(2));
+    assert_eq!(
+        d.servers,
+        GateServers::Listed(vec!["127.0.0.1:5353".into()])
+    );
+    // [dns] activation = "dns" is the default for every opendkim key; the zone from [dns].
+    let c = load(&format!(
+        "{DKIM}[dns]\nactivation = \"dns\"\nzone = \"Example.com.\"\nnameserver = \"ns1.example.com:53\"\n"
+    ))
+    .unwrap();
+    assert_eq!(c.keys[0].dns_zone.as_deref(), Some("example.com"));
+    assert_eq!(
+        c.dns.unwrap().servers,
+        GateServers::ZoneNs {
+            via: "ns1.example.com:53".into(),
+            port: 53
+        }
+    );
+    // A key may stay on the timer while the section defaults to dns.
+    let c = load(&format!(
+        "{DKIM}activation = \"timer\"\n[dns]\nactivation = \"dns\"\nservers = [\"127.0.0.1:53\"]\n"
+    ))
+    .unwrap();
+    assert_eq!(c.keys[0].dns_zone, None);
+    // A zone that cannot hold the key's records.
+    let e = load(&format!(
+        "{DKIM}activation = \"dns\"\ndns_zone = \"example.org\"\n{dns}"
+    ))
+    .unwrap_err();
+    assert!(
+        e.starts_with("/etc/sidecar.toml:7: keys.dns_zone: ") && e.contains("does not contain"),
+        "{e}"
+    );
+}
+
+#[test]
+fn bad_dns_and_report_sections_name_their_line_and_field() {
+    for (text, want) in [
+        ("[dns]\n", "5: dns.servers: missing"),
+        ("[dns]\nservers = []\n", "6: dns.servers: "),
+        ("[dns]\nservers = [\"nope\"]\n", "6: dns.servers: "),
+        (
+            "[dns]\nservers = [\"127.0.0.1:53\"]\nnameserver = \"a:53\"\n",
+            "6: dns.servers: give either",
+        ),
+        (
+            "[dns]\nservers = [\"127.0.0.1:53\"]\ntimeout = \"1h\"\n",
+            "7: dns.timeout: ",
+        ),
+        (
+            "[dns]\nservers = [\"127.0.0.1:53\"]\nport = 53\n",
+            "6: dns.port: ",
+        ),
+        ("[report]\nsidecar_id = \"a/b\"\n", "6: report.sidecar_id: "),
+        (
+            "[report]\nstate_path = \"/abs\"\n",
+            "6: report.state_path: ",
+        ),
+        (
+            "[dns]\nservers = [\"127.0.0.1:53\"]\nbogus = 1\n",
+            "7: dns.bogus: ",
+        ),
+    ] {
+        let e = load(&format!("{MIN}{text}")).unwrap_err();
+        assert!(
+            e.starts_with(&format!("/etc/sidecar.toml:{want}")),
+            "{text:?}: {e}"
+        );
+    }
+    let e = load(&format!("{MIN}activation = \"dns\"\n")).unwrap_err();
+    assert!(
+        e.contains("keys.activation: applies to format = \"opendkim\" only"),
+        "{e}"
+    );
+    let c = load(&format!(
+        "{MIN}[report]\nenabled = false\nstate_mount = \"kv\"\nstate_path = \"ops/keyroll\"\nsidecar_id = \"mx1\"\n"
+    ))
+    .unwrap();
+    assert!(!c.report.enabled);
+    assert_eq!(c.report.state.path, "ops/keyroll");
+    assert_eq!(c.report.sidecar_id, "mx1");
+}
