@@ -62,6 +62,9 @@ pub const MAX_FAILURE_REASONS: usize = 20;
 pub const MAX_SAMPLE_KEYS: usize = 5;
 /// Hex digits of the SHA-256 fingerprint stored for rows in flight.
 const FINGERPRINT_HEX: usize = 16;
+/// Attempts to claim a checkpoint that a running rewrap keeps saving (each save between our read
+/// and our claim costs one); the running one saves once per page, so two or three suffice.
+const CLAIM_ATTEMPTS: u32 = 5;
 const OTHER_REASONS: &str = "(other reasons)";
 
 /// How a run paces itself. Validated by [`RewrapOptions::new`].
@@ -386,57 +389,72 @@ pub async fn rewrap_key(
         })?;
     let target = transit.latest_version;
     let path = checkpoint_path(ctx.state, &key.mount, key.name.as_str());
-    let existing = ctx.vault.kv_read(&ctx.state.mount, &path).await?;
-    let version = existing.as_ref().map(|e| e.version).unwrap_or(0);
-    let previous: Option<Checkpoint> = match existing {
-        None => None,
-        Some(e) => match serde_json::from_value(e.data) {
-            Ok(c) => Some(c),
-            Err(err) => {
-                // An unreadable checkpoint only costs a re-scan: rows already at the target are
-                // never selected again. Say so, and start over.
-                tracing::warn!(path = %path, error = %err, "rewrap checkpoint unreadable; starting a fresh pass");
-                None
+    // Claim the checkpoint before any work, so a concurrent run is detected at once. The newest
+    // run takes over: if a running one saved its progress between our read and our claim, read
+    // again and claim on top of it (it then stops at its next save, "took over").
+    let mut attempt = 0;
+    let (mut store, resume) = loop {
+        attempt += 1;
+        let existing = ctx.vault.kv_read(&ctx.state.mount, &path).await?;
+        let version = existing.as_ref().map(|e| e.version).unwrap_or(0);
+        let previous: Option<Checkpoint> = match existing {
+            None => None,
+            Some(e) => match serde_json::from_value(e.data) {
+                Ok(c) => Some(c),
+                Err(err) => {
+                    // An unreadable checkpoint only costs a re-scan: rows already at the target are
+                    // never selected again. Say so, and start over.
+                    tracing::warn!(path = %path, error = %err, "rewrap checkpoint unreadable; starting a fresh pass");
+                    None
+                }
+            },
+        };
+        let resume = previous
+            .as_ref()
+            .is_some_and(|c| c.target_version == target && c.finished_at.is_none());
+        let data = match previous {
+            Some(mut c) if resume => {
+                c.runs = c.runs.saturating_add(1);
+                c
             }
-        },
-    };
-    let resume = previous
-        .as_ref()
-        .is_some_and(|c| c.target_version == target && c.finished_at.is_none());
-    let data = match previous {
-        Some(mut c) if resume => {
-            c.runs = c.runs.saturating_add(1);
-            c
-        }
-        other => {
-            if let Some(c) = other {
-                tracing::info!(
-                    previous_target = c.target_version,
-                    target,
-                    finished = c.finished_at.is_some(),
-                    "starting a new rewrap pass"
+            other => {
+                if let Some(c) = other {
+                    tracing::info!(
+                        previous_target = c.target_version,
+                        target,
+                        finished = c.finished_at.is_some(),
+                        "starting a new rewrap pass"
+                    );
+                }
+                Checkpoint {
+                    target_version: target,
+                    started_at,
+                    updated_at: started_at,
+                    finished_at: None,
+                    runs: 1,
+                    sources: BTreeMap::new(),
+                }
+            }
+        };
+        let mut store = Store {
+            vault: ctx.vault,
+            mount: ctx.state.mount.clone(),
+            path: path.clone(),
+            version,
+            data,
+            now: ctx.now,
+        };
+        match store.save().await {
+            Ok(()) => break (store, resume),
+            Err(RewrapError::Superseded { .. }) if attempt < CLAIM_ATTEMPTS => {
+                tracing::debug!(
+                    attempt,
+                    "a running rewrap saved while this one claimed; reading again"
                 );
             }
-            Checkpoint {
-                target_version: target,
-                started_at,
-                updated_at: started_at,
-                finished_at: None,
-                runs: 1,
-                sources: BTreeMap::new(),
-            }
+            Err(e) => return Err(e),
         }
     };
-    let mut store = Store {
-        vault: ctx.vault,
-        mount: ctx.state.mount.clone(),
-        path,
-        version,
-        data,
-        now: ctx.now,
-    };
-    // Claim the checkpoint before any work, so a concurrent run is detected at once.
-    store.save().await?;
     if resume {
         tracing::info!(key = %key.name, target, "resuming an interrupted rewrap");
     }

@@ -899,6 +899,54 @@ fn a_second_concurrent_rewrap_takes_over_and_no_row_is_harmed() {
     }
 }
 
+/// The newest run takes over even when the running one saves its progress between the newcomer's
+/// read of the checkpoint and its claim (a race that made the newcomer give up as "taken over"
+/// under load). The newcomer's read is held back 2 s by a proxy while the slow run saves a page
+/// every few milliseconds, so the race happens every time.
+#[test]
+fn a_newcomer_whose_claim_races_a_save_still_takes_over() {
+    use common::faultproxy::{Fault, FaultProxy, Rule};
+    let bao = Bao::shared();
+    let v = datakeys::vault(bao);
+    let key = datakeys::key(bao, "racing", 2, &[]);
+    let t = Table::new(Kind::Sqlite, false);
+    let seeded = datakeys::seed(&v, &key, &t, 4_000, &[1]);
+    let policy = t.policy(&key, "");
+    let slow = spawn_rewrap(
+        &t,
+        bao,
+        &policy,
+        &["--max-rate", "500", "--batch-size", "20"],
+    );
+    wait_for("the first run's progress", Duration::from_secs(120), || {
+        checkpoint(bao, &key)
+            .and_then(|c| c["sources"]["subscribers.c"]["rewrapped"].as_u64())
+            .is_some_and(|n| n >= 100)
+    });
+    let proxy = FaultProxy::start(&bao.addr);
+    proxy.add(Rule::new(
+        Some("GET"),
+        &format!("keyroll/rewrap/transit/{key}"),
+        Fault::DelayAnswer(Duration::from_secs(2)),
+        Some(1),
+    ));
+    let (code, out, err) = run(t
+        .keyroll(bao, &policy, &["-o", "json", "rewrap"])
+        .env("VAULT_ADDR", &proxy.addr));
+    assert_eq!(code, 0, "the newcomer gave up: {out}\n{err}");
+    let (slow_code, _, slow_err) = datakeys::finish(slow);
+    assert_eq!(slow_code, 1, "{slow_err}");
+    assert!(
+        slow_err.contains("another keyroll rewrap took over"),
+        "{slow_err}"
+    );
+    let after = t.rows();
+    assert_eq!(below(&after, 2), 0);
+    for (pk, p) in datakeys::decrypt(&v, &key, &after) {
+        assert_eq!(p.unwrap(), seeded[&pk]);
+    }
+}
+
 /// A checkpoint whose source id now points at another table (the policy changed between runs)
 /// is not resumed from: its `after` key means nothing in the new table.
 #[test]
