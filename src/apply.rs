@@ -21,6 +21,7 @@
 //! `settle` what a write changed.
 
 mod actions;
+pub mod dns;
 mod reconcile;
 mod settle;
 
@@ -123,6 +124,9 @@ pub struct KeyOutcome {
     /// Whether the key was skipped because shutdown was requested.
     #[serde(skip_serializing_if = "std::ops::Not::not")]
     pub skipped: bool,
+    /// The key's DNS step (keys with `[keys.dns]` only).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub dns: Option<dns::DnsOutcome>,
     /// Events for the audit log and notifiers, in the order they happened.
     #[serde(skip)]
     pub events: Vec<Event>,
@@ -138,6 +142,7 @@ impl KeyOutcome {
             error: None,
             failure: None,
             skipped: false,
+            dns: None,
             events: Vec::new(),
         }
     }
@@ -167,6 +172,12 @@ pub struct ApplyReport {
 impl ApplyReport {
     pub fn failures(&self) -> impl Iterator<Item = &KeyOutcome> {
         self.keys.iter().filter(|k| k.error.is_some())
+    }
+    /// Keys whose DNS step failed (exit 5).
+    pub fn dns_failures(&self) -> impl Iterator<Item = &KeyOutcome> {
+        self.keys
+            .iter()
+            .filter(|k| k.dns.as_ref().is_some_and(|d| d.error.is_some()))
     }
     pub fn has_drift(&self) -> bool {
         self.keys.iter().any(|k| !k.drift.is_empty())
@@ -265,9 +276,10 @@ pub async fn apply(
     };
     let planned = plan_all(vault, policy, clock()).await;
     let ctx = &ctx;
-    let work = planned
-        .into_iter()
-        .map(|(k, r)| async move { key_work(ctx, k, r, shutdown).await });
+    let work = planned.into_iter().map(|(k, r)| async move {
+        let out = key_work(ctx, k, r, shutdown).await;
+        dns::after_vault(ctx, policy, k, out).await
+    });
     let mut outcomes = futures::stream::iter(work).buffered(policy.run.concurrency.max(1));
     let mut keys = Vec::with_capacity(policy.keys.len());
     while let Some(o) = outcomes.next().await {

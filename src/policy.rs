@@ -53,6 +53,9 @@ struct RawPolicy {
     audit: Option<RawAudit>,
     #[serde(default)]
     notify: RawNotify,
+    /// `[[dns.target]]` entries (validated in `crate::dns::config`).
+    #[serde(default)]
+    dns: crate::dns::config::RawPolicyDns,
 }
 
 #[derive(Debug, Deserialize, Default)]
@@ -88,6 +91,8 @@ struct RawKey {
     /// `[[keys.data]]`: where this key's ciphertexts are stored (validated in `datasource`).
     #[serde(default)]
     data: Vec<Spanned<crate::datasource::RawDataSource>>,
+    /// `[keys.dns]`: where this DKIM key's selector records are published (`crate::dns`).
+    dns: Option<Spanned<crate::dns::RawKeyDns>>,
 }
 
 /// Where keyroll keeps its own small state in a KV v2 mount: per-key locks and the times Vault
@@ -153,6 +158,8 @@ pub struct Policy {
     pub notify: NotifySettings,
     /// Data sources per key, for census and rewrap; keys without any are absent.
     pub data: crate::datasource::PolicyData,
+    /// DNS targets, and the DNS settings of each DKIM key that has them.
+    pub dns: crate::dns::config::PolicyDns,
 }
 
 impl Policy {
@@ -174,6 +181,8 @@ impl Policy {
         let state = state_settings(&raw.state, &vault).map_err(err)?;
         let run = run_settings(&raw.run).map_err(err)?;
         let defaults = KeyDefaults::from_raw(&raw.defaults).map_err(err)?;
+        let mut dns =
+            crate::dns::config::PolicyDns::load_targets(raw.dns, base, (path, text, &lines))?;
 
         if let Some(extra) = raw.keys.get(MAX_KEYS) {
             return Err(err(FieldError::new(
@@ -191,6 +200,7 @@ impl Policy {
             let line = lines.line(spanned.span().start);
             let mut k = spanned.into_inner();
             let raw_data = std::mem::take(&mut k.data);
+            let raw_dns = k.dns.take();
             let key =
                 merge_key(&defaults, k, line).map_err(|e| e.into_config(path, &lines, line))?;
             let sources =
@@ -203,6 +213,15 @@ impl Policy {
                     })?;
             if !sources.is_empty() {
                 data.insert((key.mount.clone(), key.name.to_string()), sources);
+            }
+            if let Some(raw_dns) = raw_dns {
+                dns.add_key(
+                    &key.mount,
+                    &key.name,
+                    key.key_type,
+                    raw_dns,
+                    (path, text, &lines),
+                )?;
             }
             keys.push(key);
         }
@@ -224,11 +243,17 @@ impl Policy {
             audit,
             notify,
             data,
+            dns,
         })
     }
 
     pub fn key(&self, name: &str) -> Option<&KeyPolicy> {
         self.keys.iter().find(|k| k.name.as_str() == name)
+    }
+
+    /// The key's `[keys.dns]` settings, if it has them.
+    pub fn key_dns(&self, k: &KeyPolicy) -> Option<&crate::dns::KeyDns> {
+        self.dns.key(&k.mount, k.name.as_str())
     }
 
     /// The key's `[[keys.data]]` sources (empty when it has none).
@@ -347,6 +372,13 @@ impl KeyDefaults {
                 "a name cannot have a default; give each [[keys]] entry its own",
             )
             .at(n.span()));
+        }
+        if let Some(t) = &d.dns {
+            return Err(FieldError::new(
+                "defaults.dns",
+                "DNS settings belong to one DKIM key; write [keys.dns] after its [[keys]] entry",
+            )
+            .at(t.span()));
         }
         if let Some(first) = d.data.first() {
             return Err(FieldError::new(

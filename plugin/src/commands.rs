@@ -141,6 +141,53 @@ struct PlanKey<'a> {
     actions: Vec<Action>,
     #[serde(skip_serializing_if = "Option::is_none")]
     error: Option<String>,
+    /// DNS stages and the DNS steps apply would take (queries only; nothing is written).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    dns: Option<keyroll::apply::dns::DnsOutcome>,
+}
+
+/// Exit codes for a key's DNS outcome: 5 for a failed step, 3 for problems to look at.
+fn dns_codes(d: Option<&keyroll::apply::dns::DnsOutcome>) -> Vec<u8> {
+    let mut codes = Vec::new();
+    if let Some(d) = d {
+        if d.error.is_some() {
+            codes.push(exit::DNS_FAILED);
+        }
+        if !d.problems.is_empty() {
+            codes.push(exit::ATTENTION);
+        }
+    }
+    codes
+}
+
+/// Table rows for a key's DNS outcome: one per step, problem and error.
+fn dns_rows(
+    key: &str,
+    mount: &str,
+    d: Option<&keyroll::apply::dns::DnsOutcome>,
+) -> Vec<Vec<String>> {
+    let mut rows = Vec::new();
+    let Some(d) = d else { return rows };
+    for a in &d.actions {
+        rows.push(vec![
+            key.into(),
+            mount.into(),
+            a.verb().into(),
+            a.reason().into(),
+        ]);
+    }
+    for p in &d.problems {
+        rows.push(vec![key.into(), mount.into(), "DNS".into(), p.clone()]);
+    }
+    if let Some(e) = &d.error {
+        rows.push(vec![
+            key.into(),
+            mount.into(),
+            "DNS FAILED".into(),
+            e.clone(),
+        ]);
+    }
+    rows
 }
 
 async fn plan(cli: &Cli, policy: &Policy, at: Timestamp) -> anyhow::Result<u8> {
@@ -159,14 +206,19 @@ async fn plan(cli: &Cli, policy: &Policy, at: Timestamp) -> anyhow::Result<u8> {
             drift: Vec::new(),
             actions: Vec::new(),
             error: None,
+            dns: None,
         };
         match r {
-            Ok((_, p)) => {
+            Ok((o, p)) => {
                 if !p.drift.is_empty() {
                     codes.push(exit::ATTENTION);
                 }
                 pk.drift = p.drift.clone();
                 pk.actions = p.actions.clone();
+                if let keyroll::state::Observation::Present { key, .. } = o {
+                    pk.dns = apply::dns::preview(&vault, policy, k, key, at).await;
+                    codes.extend(dns_codes(pk.dns.as_ref()));
+                }
             }
             Err(e) => {
                 codes.push(exit::of_class(FailureClass::of(e)));
@@ -193,7 +245,11 @@ async fn plan(cli: &Cli, policy: &Policy, at: Timestamp) -> anyhow::Result<u8> {
                     "DRIFT".into(),
                     k.drift.join("; "),
                 ]);
-            } else if k.actions.is_empty() {
+            } else if k.actions.is_empty()
+                && k.dns.as_ref().is_none_or(|d| {
+                    d.actions.is_empty() && d.problems.is_empty() && d.error.is_none()
+                })
+            {
                 rows.push(vec![
                     k.key.into(),
                     k.mount.into(),
@@ -209,8 +265,13 @@ async fn plan(cli: &Cli, policy: &Policy, at: Timestamp) -> anyhow::Result<u8> {
                     a.reason().into(),
                 ]);
             }
+            rows.extend(dns_rows(k.key, k.mount, k.dns.as_ref()));
         }
-        let n = out.keys.iter().map(|k| k.actions.len()).sum::<usize>();
+        let n = out
+            .keys
+            .iter()
+            .map(|k| k.actions.len() + k.dns.as_ref().map_or(0, |d| d.actions.len()))
+            .sum::<usize>();
         format!(
             "{}\nplan at {}: {n} action(s)",
             table(&["KEY", "MOUNT", "ACTION", "REASON"], &rows),
@@ -308,6 +369,7 @@ async fn finish(cli: &Cli, policy: &Policy, report: &ApplyReport, audit: &mut Au
         if !k.drift.is_empty() {
             codes.push(exit::ATTENTION);
         }
+        codes.extend(dns_codes(k.dns.as_ref()));
     }
     emit(cli.output, report, || {
         let mut rows = Vec::new();
@@ -336,9 +398,11 @@ async fn finish(cli: &Cli, policy: &Policy, report: &ApplyReport, audit: &mut Au
                     e.clone(),
                 ]);
             }
+            rows.extend(dns_rows(&k.key, &k.mount, k.dns.as_ref()));
         }
         let changed = report.keys.iter().filter(|k| !k.actions.is_empty()).count();
         let failed = report.failures().count();
+        let dns_failed = report.dns_failures().count();
         let drifted = report.keys.iter().filter(|k| !k.drift.is_empty()).count();
         let skipped = report.keys.iter().filter(|k| k.skipped).count();
         let verb = if report.dry_run {
@@ -351,13 +415,18 @@ async fn finish(cli: &Cli, policy: &Policy, report: &ApplyReport, audit: &mut Au
             s.push_str(&table(&["KEY", "MOUNT", "ACTION", "REASON"], &rows));
         }
         s.push_str(&format!(
-            "{}: {} key(s), {changed} {verb}, {failed} failed, {drifted} drifted{}",
+            "{}: {} key(s), {changed} {verb}, {failed} failed, {drifted} drifted{}{}",
             if report.dry_run {
                 "apply --dry-run"
             } else {
                 "apply"
             },
             report.keys.len(),
+            if dns_failed > 0 {
+                format!(", {dns_failed} DNS step(s) failed")
+            } else {
+                String::new()
+            },
             if skipped > 0 {
                 format!(", {skipped} skipped (shutdown)")
             } else {
@@ -371,6 +440,10 @@ async fn finish(cli: &Cli, policy: &Policy, report: &ApplyReport, audit: &mut Au
             .failures()
             .map(|k| (k.key.clone(), k.error.clone().unwrap_or_default())),
     );
+    print_errors(report.dns_failures().map(|k| {
+        let e = k.dns.as_ref().and_then(|d| d.error.clone());
+        (k.key.clone(), format!("DNS: {}", e.unwrap_or_default()))
+    }));
     exit::worst(codes)
 }
 
@@ -489,7 +562,14 @@ async fn status(
                 if s.overdue || !s.drift.is_empty() {
                     codes.push(exit::ATTENTION);
                 }
-                statuses.push(s);
+                let dns = match &o {
+                    keyroll::state::Observation::Present { key, .. } => {
+                        apply::dns::preview(&vault, policy, k, key, at).await
+                    }
+                    keyroll::state::Observation::Missing => None,
+                };
+                codes.extend(dns_codes(dns.as_ref()));
+                statuses.push(StatusRow { status: s, dns });
             }
             Err(e) => {
                 codes.push(exit::of_class(FailureClass::of(&e)));
@@ -500,6 +580,7 @@ async fn status(
     emit(cli.output, &statuses, || {
         let rows: Vec<Vec<String>> = statuses
             .iter()
+            .map(|r| &r.status)
             .map(|s| {
                 let state = if !s.exists {
                     "MISSING".to_string()
@@ -548,10 +629,83 @@ async fn status(
                 "STATE",
             ],
             &rows,
-        )
+        ) + &dns_status_table(&statuses)
     });
     print_errors(errors.into_iter());
     Ok(exit::worst(codes))
+}
+
+/// `status` per key: the planner's status, and for DKIM keys with `[keys.dns]` each version's
+/// DNS stage and what the next run would do.
+#[derive(Serialize)]
+struct StatusRow {
+    #[serde(flatten)]
+    status: keyroll::planner::KeyStatus,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    dns: Option<keyroll::apply::dns::DnsOutcome>,
+}
+
+/// The DNS table under `status` (empty when no key publishes DNS records).
+fn dns_status_table(rows: &[StatusRow]) -> String {
+    let mut t = Vec::new();
+    for r in rows {
+        let Some(d) = &r.dns else { continue };
+        let key = r.status.key.to_string();
+        for v in &d.versions {
+            let next: Vec<&str> = d
+                .actions
+                .iter()
+                .filter(|a| a.version() == v.version)
+                .map(|a| a.verb())
+                .collect();
+            t.push(vec![
+                key.clone(),
+                format!("v{}", v.version),
+                v.owner.clone(),
+                format!("{:?}", v.stage).to_lowercase(),
+                if d.signing == Some(v.version) {
+                    "yes".into()
+                } else {
+                    "-".into()
+                },
+                if next.is_empty() {
+                    "-".into()
+                } else {
+                    next.join(", ")
+                },
+            ]);
+        }
+        for p in &d.problems {
+            t.push(vec![
+                key.clone(),
+                "-".into(),
+                "-".into(),
+                "PROBLEM".into(),
+                "-".into(),
+                p.clone(),
+            ]);
+        }
+        if let Some(e) = &d.error {
+            t.push(vec![
+                key.clone(),
+                "-".into(),
+                "-".into(),
+                "DNS FAILED".into(),
+                "-".into(),
+                e.clone(),
+            ]);
+        }
+    }
+    if t.is_empty() {
+        return String::new();
+    }
+    format!(
+        "\n{}",
+        table(
+            &["KEY", "VERSION", "RECORD", "DNS STAGE", "SIGNING", "NEXT"],
+            &t
+        )
+    )
 }
 
 fn versions(v: &[u32]) -> String {
