@@ -752,4 +752,144 @@ type = "hmac"
         let p = load("[defaults]\ntype=\"hmac\"\nrotate_every=\"1d\"\n[[keys]]\nname=\"a\"\n[[keys]]\nname=\"a\"\nmount=\"transit-eu\"\n").unwrap();
         assert_eq!(p.keys.len(), 2);
     }
+
+    const DNS_TARGETS: &str = r#"
+[[dns.target]]
+name = "primary"
+kind = "rfc2136"
+zone = "example.com"
+server = "127.0.0.1:5300"
+tsig_key = "keyroll"
+tsig_secret_file = "tsig.key"
+
+[[dns.target]]
+name = "files"
+kind = "zonefile"
+zone = "example.org"
+path = "dkim.inc"
+reload = ["knotc", "zone-reload", "example.org"]
+servers = ["127.0.0.1:53"]
+"#;
+
+    fn dkim(name: &str, key_type: &str, dns: &str) -> String {
+        format!(
+            "[[keys]]\nname = \"{name}\"\ntype = \"{key_type}\"\nrotate_every = \"30d\"\n\n[keys.dns]\n{dns}"
+        )
+    }
+
+    #[test]
+    fn dkim_keys_get_their_dns_settings_and_targets_resolve_relative_paths() {
+        let p = load(&format!(
+            "{DNS_TARGETS}\n{}\n{}",
+            dkim("mail-rsa", "rsa-2048", "target = \"primary\"\ndomain = \"example.com\"\n"),
+            dkim(
+                "mail-ed",
+                "ed25519",
+                "target = \"files\"\ndomain = \"example.org\"\nselector = \"ed{version}\"\nsigning_report_max_age = \"12h\"\n"
+            )
+        ))
+        .unwrap();
+        let rsa = p.key_dns(p.key("mail-rsa").unwrap()).unwrap();
+        assert_eq!(rsa.target, "primary");
+        assert_eq!(
+            rsa.signing_report_max_age.std(),
+            crate::signing::DEFAULT_REPORT_MAX_AGE
+        );
+        let ed = p.key_dns(p.key("mail-ed").unwrap()).unwrap();
+        assert_eq!(
+            ed.signing_report_max_age.std(),
+            Duration::from_secs(12 * 3600)
+        );
+        let t = p.dns.targets.get("primary").unwrap();
+        let crate::dns::config::TargetKind::Rfc2136(r) = &t.kind else {
+            panic!("kind")
+        };
+        assert_eq!(r.tsig.secret_file, Path::new("/etc/keyroll/tsig.key"));
+        // A policy without DNS has none, and old policies still load.
+        assert!(
+            load("[[keys]]\nname=\"a\"\ntype=\"hmac\"\nrotate_every=\"1d\"\n")
+                .unwrap()
+                .dns
+                .is_empty()
+        );
+    }
+
+    /// Every bad DNS setting names the file, the line of the field and the field.
+    #[test]
+    fn bad_dns_settings_name_file_line_and_field() {
+        let n = DNS_TARGETS.lines().count();
+        let dns_ok = "target = \"primary\"\ndomain = \"example.com\"\n";
+        let cases = [
+            // Not a DKIM-capable type: the [keys.dns] table's line.
+            (
+                format!("{DNS_TARGETS}{}", dkim("h", "hmac", dns_ok)),
+                format!(":{}: keys.dns: key h is hmac, which cannot sign DKIM mail; DNS records are published for rsa-2048, rsa-3072, rsa-4096, ed25519 keys only", n + 6),
+            ),
+            (
+                format!("{DNS_TARGETS}{}", dkim("e", "ecdsa-p256", dns_ok)),
+                format!(":{}: keys.dns: key e is ecdsa-p256", n + 6),
+            ),
+            // Unknown target: the line of `target =`.
+            (
+                format!(
+                    "{DNS_TARGETS}{}",
+                    dkim("d", "ed25519", "domain = \"example.com\"\ntarget = \"nope\"\n")
+                ),
+                format!(
+                    ":{}: keys.dns.target: no [[dns.target]] is named \"nope\"; defined: files, primary",
+                    n + 8
+                ),
+            ),
+            // A domain outside the target's zone.
+            (
+                format!(
+                    "{DNS_TARGETS}{}",
+                    dkim("d", "ed25519", "target = \"primary\"\ndomain = \"example.net\"\n")
+                ),
+                format!(":{}: keys.dns.domain: example.net is not in zone example.com", n + 8),
+            ),
+            // An inline TSIG secret is refused without echoing it.
+            (
+                "[[dns.target]]\nname = \"t\"\nkind = \"rfc2136\"\nzone = \"example.com\"\n\
+                 server = \"127.0.0.1:53\"\ntsig_key = \"k\"\ntsig_secret = \"c2VjcmV0\"\n"
+                    .to_string(),
+                ":7: dns.target.tsig_secret: a TSIG secret is never written into the policy".into(),
+            ),
+            (
+                format!("{DNS_TARGETS}[[dns.target]]\nname = \"files\"\nkind = \"rfc2136\"\n"),
+                format!(":{}: dns.target.zone:", n + 1),
+            ),
+            (
+                format!("{DNS_TARGETS}{}", dkim("d", "ed25519", "target = \"primary\"\ndomain = \"example.com\"\nsigning_report_max_age = \"1m\"\n")),
+                format!(":{}: keys.dns.signing_report_max_age: 1m is out of range", n + 9),
+            ),
+            // [keys.dns] in [defaults].
+            (
+                format!("{DNS_TARGETS}[defaults.dns]\ntarget = \"primary\"\n"),
+                format!(":{}: defaults.dns:", n + 1),
+            ),
+        ];
+        for (text, want) in cases {
+            let e = err(&text);
+            assert!(
+                e.starts_with(&format!("/etc/keyroll/policy.toml{want}")),
+                "want {want}\ngot  {e}\n{text}"
+            );
+            assert!(!e.contains("c2VjcmV0"), "{e}");
+        }
+    }
+
+    #[test]
+    fn a_zonefile_target_holds_one_key() {
+        let dns = "target = \"files\"\ndomain = \"example.org\"\n";
+        let e = err(&format!(
+            "{DNS_TARGETS}{}\n{}",
+            dkim("a", "ed25519", dns),
+            dkim("b", "ed25519", dns)
+        ));
+        assert!(
+            e.contains("keys.dns.target: zonefile target files already holds key transit/a"),
+            "{e}"
+        );
+    }
 }

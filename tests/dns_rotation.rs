@@ -11,7 +11,7 @@ use common::keyroll::{apply_at, keyroll_run, keyroll_via, plus, PolicyFile};
 use common::knot::{
     dkim_key, policy_target, policy_zonefile_target, updates_logged, Knot, KEY_NAME,
 };
-use common::{unique, Bao};
+use common::{run, unique, Bao};
 use jiff::Timestamp;
 use serde_json::Value;
 
@@ -359,4 +359,55 @@ fn plan_and_status_show_dns_stages_and_plan_writes_nothing() {
         out.contains("DNS STAGE") && out.contains(&owner(1)) && out.contains("published"),
         "{out}"
     );
+}
+
+/// The shipped rotator policy (deploy/vault/keyroll-rotator.hcl) lets keyroll read the
+/// sidecars' signing reports: with a fresh report saying the mailer signs with v1, the run
+/// records v1 as signing (event dns_signing) and reports no trouble reading them.
+#[test]
+fn the_shipped_rotator_policy_reads_signing_reports_and_the_signing_stage_is_recorded() {
+    let bao = Bao::shared();
+    let knot = Knot::start();
+    let name = unique("mail-dkimsigning");
+    let hcl =
+        std::fs::read_to_string(common::root().join("deploy/vault/keyroll-rotator.hcl")).unwrap();
+    let token = bao.token_with_policy("keyroll-rotator", &hcl);
+    let p = policy(
+        &knot,
+        &knot.secret_file,
+        &dkim_key(&name, "ed25519", "primary", "example.com"),
+    );
+    let t0 = Timestamp::now();
+    let as_rotator = |want: i32| -> Value {
+        let (code, out, err) = run(keyroll_via(bao, &bao.addr, &p.path)
+            .env("VAULT_TOKEN", &token)
+            .args(["apply", "--at", &t0.to_string(), "-o", "json"]));
+        assert_eq!(code, want, "{out}\n{err}");
+        serde_json::from_str(&out).unwrap()
+    };
+    as_rotator(0);
+    as_rotator(0);
+    let report = p.dir.path().join("report.json");
+    std::fs::write(
+        &report,
+        serde_json::json!({
+            "version": 1, "selector": "kr1", "since": t0.to_string(),
+            "sidecar": "mx1", "reported_at": t0.to_string(),
+        })
+        .to_string(),
+    )
+    .unwrap();
+    bao.cli_ok(&[
+        "kv",
+        "put",
+        &format!("secret/keyroll/signing/transit/{name}/mx1"),
+        &format!("@{}", report.display()),
+    ]);
+    let r = as_rotator(0);
+    assert_eq!(dns_verbs(&r, &name), ["mark_signing"], "{r}");
+    let k = key_report(&r, &name);
+    assert_eq!(k["dns"]["signing"], 1, "{r}");
+    assert_eq!(k["dns"]["versions"][0]["stage"], "signing", "{r}");
+    assert!(k["dns"]["problems"].is_null(), "{r}");
+    assert_eq!(p.events_of("dns_signing", &name).len(), 1);
 }

@@ -535,3 +535,87 @@ async fn carry_out_zonefile(
     }
     false
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Records written before DNS publishing existed still read, and keys without DNS keep
+    /// writing records without a `dns` field.
+    #[test]
+    fn old_records_read_and_records_without_dns_stay_as_they_were() {
+        let old = r#"{"created":{},"retired":{"1":"2026-01-01T00:00:00Z"}}"#;
+        let rec: KeyRecord = serde_json::from_str(old).unwrap();
+        assert!(rec.dns.is_empty());
+        assert_eq!(rec.retired.len(), 1);
+        assert_eq!(serde_json::to_string(&rec).unwrap(), old);
+    }
+
+    #[test]
+    fn every_dns_step_has_its_own_event_and_bookkeeping_is_not_notified() {
+        let a = |verb: &str| -> DnsAction {
+            let (version, owner, reason) = (1, "o".to_string(), String::new());
+            match verb {
+                "publish" => DnsAction::Publish {
+                    version,
+                    owner,
+                    value: "v".into(),
+                    reason,
+                },
+                "restore" => DnsAction::Restore {
+                    version,
+                    owner,
+                    value: "v".into(),
+                    found: "x".into(),
+                    reason,
+                },
+                "confirm" => DnsAction::Confirm {
+                    version,
+                    owner,
+                    reason,
+                },
+                "signing" => DnsAction::MarkSigning {
+                    version,
+                    owner,
+                    reason,
+                },
+                "note" => DnsAction::NoteRetired {
+                    version,
+                    owner,
+                    reason,
+                },
+                "revoke" => DnsAction::Revoke {
+                    version,
+                    owner,
+                    value: "v".into(),
+                    reason,
+                },
+                _ => DnsAction::Remove {
+                    version,
+                    owner,
+                    reason,
+                },
+            }
+        };
+        let kinds: Vec<&str> = [
+            "publish", "restore", "confirm", "signing", "note", "revoke", "remove",
+        ]
+        .iter()
+        .map(|v| event_kind(&a(v)).as_str())
+        .collect();
+        assert_eq!(
+            kinds,
+            [
+                "dns_published",
+                "dns_restored",
+                "dns_confirmed",
+                "dns_signing",
+                "recorded",
+                "dns_revoked",
+                "dns_removed"
+            ]
+        );
+        assert!(!event_kind(&a("note")).is_notifiable());
+        assert!(EventKind::DnsFailed.is_notifiable() && EventKind::DnsFailed.is_failure());
+    }
+}

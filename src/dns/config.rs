@@ -664,15 +664,19 @@ pub struct PolicyDns {
     pub keys: BTreeMap<(String, String), KeyDns>,
 }
 
-/// The 1-based line in `text` of `field`'s last part written as `name =` inside `span`, or
-/// the span's first line: the raw shapes carry no spans per field, so the loader finds the
-/// field's own line within the table it validated.
+/// The 1-based line in `text` of `field`'s last part written as `name =` in the table that
+/// starts at `span` (up to the next `[` header), or the table's first line: the raw shapes
+/// carry no spans per field, so the loader finds the field's own line in the table it
+/// validated.
 fn field_line(text: &str, lines: &LineIndex, span: std::ops::Range<usize>, field: &str) -> usize {
     let name = field.rsplit('.').next().unwrap_or(field);
-    let body = text.get(span.clone()).unwrap_or("");
+    let body = text.get(span.start..).unwrap_or("");
     let mut offset = 0;
-    for l in body.split_inclusive('\n') {
+    for (i, l) in body.split_inclusive('\n').enumerate() {
         let t = l.trim_start();
+        if i > 0 && t.starts_with('[') {
+            break;
+        }
         if let Some(rest) = t.strip_prefix(name) {
             if rest.trim_start().starts_with('=') {
                 return lines.line(span.start + offset);
@@ -737,7 +741,8 @@ impl PolicyDns {
             return Err(bad((
                 "keys.dns",
                 format!(
-                    "key {name} is {key_type}, which cannot sign DKIM mail; DNS records are                      published for {} keys only",
+                    "key {name} is {key_type}, which cannot sign DKIM mail; DNS records are \
+                     published for {} keys only",
                     DKIM_KEY_TYPES.map(|t| t.as_str()).join(", ")
                 ),
             )));
