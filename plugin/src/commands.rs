@@ -400,7 +400,13 @@ async fn finish(cli: &Cli, policy: &Policy, report: &ApplyReport, audit: &mut Au
             }
             rows.extend(dns_rows(&k.key, &k.mount, k.dns.as_ref()));
         }
-        let changed = report.keys.iter().filter(|k| !k.actions.is_empty()).count();
+        let changed = report
+            .keys
+            .iter()
+            .filter(|k| {
+                !k.actions.is_empty() || k.dns.as_ref().is_some_and(|d| !d.actions.is_empty())
+            })
+            .count();
         let failed = report.failures().count();
         let dns_failed = report.dns_failures().count();
         let drifted = report.keys.iter().filter(|k| !k.drift.is_empty()).count();

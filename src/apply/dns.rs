@@ -296,6 +296,18 @@ async fn run_locked(
     target: &DnsTarget,
     out: &mut KeyOutcome,
 ) -> DnsOutcome {
+    // At steady state there is nothing to write: look first without the lock (two KV writes
+    // saved per key and run). A zone file is always checked under the lock, since a hand edit
+    // of the file shows only when it is rendered and compared.
+    if matches!(target.kind, TargetKind::Rfc2136(_)) {
+        if let Ok(Some(key)) = ctx.vault.read_key(&k.mount, &k.name).await {
+            if let Some(p) = preview(ctx.vault, policy, k, &key, ctx.now()).await {
+                if p.error.is_none() && p.actions.is_empty() {
+                    return p;
+                }
+            }
+        }
+    }
     let mut dns = DnsOutcome::new(&target.name);
     let mut held = match lock::acquire(
         ctx.vault,
