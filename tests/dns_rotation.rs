@@ -411,3 +411,62 @@ fn the_shipped_rotator_policy_reads_signing_reports_and_the_signing_stage_is_rec
     assert!(k["dns"]["problems"].is_null(), "{r}");
     assert_eq!(p.events_of("dns_signing", &name).len(), 1);
 }
+
+#[test]
+fn a_tsig_key_the_server_does_not_know_is_badkey_and_exit_5() {
+    let bao = Bao::shared();
+    let knot = Knot::start();
+    let name = unique("dkimnokey");
+    let p = PolicyFile::new("");
+    p.write(&format!(
+        "{}\n{}\n{}",
+        p.audit_section(),
+        policy_target(&knot, "primary", &knot.secret_file, "").replace(
+            &format!("tsig_key = \"{KEY_NAME}\""),
+            "tsig_key = \"stranger\""
+        ),
+        dkim_key(&name, "ed25519", "primary", "example.com")
+    ));
+    let (code, out, err) = keyroll_run(
+        bao,
+        &bao.addr,
+        &p.path,
+        &["apply", "--at", &Timestamp::now().to_string()],
+    );
+    assert_eq!(code, 5, "{out}\n{err}");
+    assert!(err.contains("BADKEY") && err.contains("stranger"), "{err}");
+    assert!(out.contains("DNS FAILED"), "{out}");
+    assert_eq!(bao.key("transit", &name)["latest_version"], 1);
+    assert_eq!(knot.txt(&owner(1)).rcode, "NXDOMAIN");
+}
+
+#[test]
+fn a_failed_zone_file_reload_is_exit_5_and_the_next_run_publishes() {
+    let bao = Bao::shared();
+    let knot = Knot::start();
+    let name = unique("dkimreload");
+    let p = PolicyFile::new("");
+    let good = format!(
+        "{}\n{}\n{}",
+        p.audit_section(),
+        policy_zonefile_target(&knot, "files"),
+        dkim_key(&name, "ed25519", "files", "example.org")
+    );
+    let reload_line = good
+        .lines()
+        .find(|l| l.starts_with("reload = "))
+        .unwrap()
+        .to_string();
+    p.write(&good.replace(&reload_line, "reload = [\"false\"]"));
+    let t0 = Timestamp::now();
+    let r = apply_at(bao, &p.path, t0, 5);
+    let err = key_report(&r, &name)["dns"]["error"].as_str().unwrap();
+    assert!(err.contains("false"), "{err}");
+    assert_eq!(p.events_of("dns_failed", &name).len(), 1);
+    assert!(p.events_of("dns_published", &name).is_empty());
+    // Nothing was recorded: with a working reload the next run publishes (and reloads).
+    p.write(&good);
+    let r = apply_at(bao, &p.path, t0, 0);
+    assert_eq!(dns_verbs(&r, &name), ["publish"], "{r}");
+    assert_eq!(knot.txt("kr1._domainkey.example.org").txt.len(), 1);
+}
