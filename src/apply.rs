@@ -22,11 +22,12 @@
 //! under, blocked-step events and `rewrap_before_retire`.
 
 mod actions;
+pub mod dns;
 mod guard;
 mod reconcile;
 mod settle;
 
-pub use guard::{holds_for, read_guard, KeyData};
+pub use guard::{holds_for, read_guard, read_guards, DnsGuard, Guards, KeyData};
 
 use std::time::Duration;
 
@@ -39,7 +40,7 @@ use tracing::Instrument;
 use reconcile::{locked, Decision, Progress, Target};
 
 use crate::events::{Event, EventKind};
-use crate::holds::{rewrap_could_help, DataGuard};
+use crate::holds::rewrap_could_help;
 use crate::lock::{self, LockError};
 use crate::observe::observe_all;
 use crate::planner::{plan_key_held, Action, Blocked, Holds, KeyPlan};
@@ -131,6 +132,9 @@ pub struct KeyOutcome {
     /// Whether the key was skipped because shutdown was requested.
     #[serde(skip_serializing_if = "std::ops::Not::not")]
     pub skipped: bool,
+    /// The key's DNS step (keys with `[keys.dns]` only).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub dns: Option<dns::DnsOutcome>,
     /// Events for the audit log and notifiers, in the order they happened.
     #[serde(skip)]
     pub events: Vec<Event>,
@@ -147,6 +151,7 @@ impl KeyOutcome {
             error: None,
             failure: None,
             skipped: false,
+            dns: None,
             events: Vec::new(),
         }
     }
@@ -176,6 +181,12 @@ pub struct ApplyReport {
 impl ApplyReport {
     pub fn failures(&self) -> impl Iterator<Item = &KeyOutcome> {
         self.keys.iter().filter(|k| k.error.is_some())
+    }
+    /// Keys whose DNS step failed (exit 5).
+    pub fn dns_failures(&self) -> impl Iterator<Item = &KeyOutcome> {
+        self.keys
+            .iter()
+            .filter(|k| k.dns.as_ref().is_some_and(|d| d.error.is_some()))
     }
     pub fn has_drift(&self) -> bool {
         self.keys.iter().any(|k| !k.drift.is_empty())
@@ -231,14 +242,16 @@ pub async fn plan_all<'p>(
         let r = match o {
             Err(e) => Err(e),
             // Keys with data sources also need their latest census (one KV read each).
-            Ok(o) => match read_guard(vault, &policy.state, k, KeyData::of(policy, k)).await {
-                Err(e) => Err(e),
-                Ok(g) => {
-                    let holds = holds_for(g.as_ref(), &o, now);
-                    let p = plan_key_held(k, &o, &holds, now);
-                    Ok((o, p))
+            Ok(o) => {
+                match read_guards(vault, &policy.state, k, KeyData::of(policy, k), now).await {
+                    Err(e) => Err(e),
+                    Ok(g) => {
+                        let holds = holds_for(&g, &o, now);
+                        let p = plan_key_held(k, &o, &holds, now);
+                        Ok((o, p))
+                    }
                 }
-            },
+            }
         };
         out.push((k, r));
     }
@@ -303,9 +316,10 @@ pub async fn apply(
     }
     let planned = plan_all(vault, policy, clock()).await;
     let ctx = &ctx;
-    let work = planned
-        .into_iter()
-        .map(|(k, r)| async move { key_work(ctx, k, KeyData::of(policy, k), r, shutdown).await });
+    let work = planned.into_iter().map(|(k, r)| async move {
+        let out = key_work(ctx, k, KeyData::of(policy, k), r, shutdown).await;
+        dns::after_vault(ctx, policy, k, out).await
+    });
     let mut outcomes = futures::stream::iter(work).buffered(policy.run.concurrency.max(1));
     let mut keys = Vec::with_capacity(policy.keys.len());
     while let Some(o) = outcomes.next().await {
@@ -393,22 +407,25 @@ async fn guarded_converge(
                     format!("rewrap_before_retire: {why}"),
                 );
                 suspended = Some(format!(
-                    "rewrap_before_retire failed ({why}); nothing is retired or trimmed until                      a rewrap succeeds"
+                    "rewrap_before_retire failed ({why}); nothing is retired or trimmed until \
+                     a rewrap succeeds"
                 ));
             }
         }
     }
-    let guard = match read_guard(ctx.vault, ctx.state, k, data).await {
-        Ok(g) => g.map(|mut g| {
-            g.suspended = suspended;
+    let guards = match read_guards(ctx.vault, ctx.state, k, data, ctx.now()).await {
+        Ok(mut g) => {
+            if let Some(d) = g.data.as_mut() {
+                d.suspended = suspended;
+            }
             g
-        }),
+        }
         Err(e) => {
             pre.fail(ctx.run_id(), ctx.now(), FailureClass::of(&e), e.to_string());
             return pre;
         }
     };
-    let mut out = converge_key(ctx, k, guard.as_ref()).await;
+    let mut out = converge_key(ctx, k, &guards).await;
     guard::blocked_events(&mut out, ctx.run_id(), ctx.now());
     pre.events.append(&mut out.events);
     out.events = pre.events;
@@ -442,14 +459,14 @@ fn next_action(
 
 /// Lock, then reconcile the key with the policy's planner under its holds (recomputed from
 /// every fresh read); release. The outcome's `blocked` is the last plan's.
-async fn converge_key(ctx: &Ctx<'_>, k: &KeyPolicy, guard: Option<&DataGuard<'_>>) -> KeyOutcome {
+async fn converge_key(ctx: &Ctx<'_>, k: &KeyPolicy, guards: &Guards<'_>) -> KeyOutcome {
     let target = Target {
         mount: &k.mount,
         name: &k.name,
     };
     let mut blocked = Vec::new();
     let mut decide = |obs: &Observation, now: Timestamp, done: Progress| {
-        let holds = holds_for(guard, obs, now);
+        let holds = holds_for(guards, obs, now);
         let (d, b) = next_action(k, obs, &holds, now, done);
         blocked = b;
         Ok(d)

@@ -24,6 +24,20 @@ pub enum EventKind {
     Blocked,
     /// `rewrap_before_retire`: apply took a census, rewrapped and took another census.
     Rewrapped,
+    /// A version's DKIM record was written to DNS (first publication, or again).
+    DnsPublished,
+    /// Every authoritative server answers a version's exact record.
+    DnsConfirmed,
+    /// The mailer signs with a version (as its sidecar reports).
+    DnsSigning,
+    /// A record someone deleted or edited was put back.
+    DnsRestored,
+    /// A retired version's record was replaced by `p=` (RFC 6376 §3.6.1).
+    DnsRevoked,
+    /// A version's record was deleted.
+    DnsRemoved,
+    /// A DNS step failed (REFUSED, NOTAUTH/BADKEY, timeout, reload failed); exit 5.
+    DnsFailed,
 }
 
 impl EventKind {
@@ -44,7 +58,19 @@ impl EventKind {
             EventKind::NotifyFailed => "notify_failed",
             EventKind::Blocked => "blocked",
             EventKind::Rewrapped => "rewrapped",
+            EventKind::DnsPublished => "dns_published",
+            EventKind::DnsConfirmed => "dns_confirmed",
+            EventKind::DnsSigning => "dns_signing",
+            EventKind::DnsRestored => "dns_restored",
+            EventKind::DnsRevoked => "dns_revoked",
+            EventKind::DnsRemoved => "dns_removed",
+            EventKind::DnsFailed => "dns_failed",
         }
+    }
+
+    /// Something went wrong (counted as a failure in notification subjects).
+    pub fn is_failure(self) -> bool {
+        matches!(self, EventKind::Failed | EventKind::DnsFailed)
     }
 }
 

@@ -121,10 +121,7 @@ async fn send_email(e: &EmailSettings, run_id: &str, events: &[Event]) -> Result
         reason,
     };
     crate::tls::install_provider();
-    let failures = events
-        .iter()
-        .filter(|ev| ev.kind == crate::events::EventKind::Failed)
-        .count();
+    let failures = events.iter().filter(|ev| ev.kind.is_failure()).count();
     let changes = events.len() - failures;
     let subject = format!(
         "{} {changes} key change(s){}",

@@ -54,6 +54,9 @@ struct RawPolicy {
     audit: Option<RawAudit>,
     #[serde(default)]
     notify: RawNotify,
+    /// `[[dns.target]]` entries (validated in `crate::dns::config`).
+    #[serde(default)]
+    dns: crate::dns::config::RawPolicyDns,
 }
 
 #[derive(Debug, Deserialize, Default)]
@@ -93,6 +96,8 @@ struct RawKey {
     max_census_age: Option<Spanned<String>>,
     /// Data keys only: `apply`/`run` rewraps by itself when data holds block retention.
     rewrap_before_retire: Option<Spanned<bool>>,
+    /// `[keys.dns]`: where this DKIM key's selector records are published (`crate::dns`).
+    dns: Option<Spanned<crate::dns::RawKeyDns>>,
 }
 
 /// Where keyroll keeps its own small state in a KV v2 mount: per-key locks and the times Vault
@@ -160,6 +165,8 @@ pub struct Policy {
     pub data: crate::datasource::PolicyData,
     /// Guarded-retention settings of the keys with data sources (same keys as `data`).
     pub data_guard: BTreeMap<(String, String), DataGuardSettings>,
+    /// DNS targets, and the DNS settings of each DKIM key that has them.
+    pub dns: crate::dns::config::PolicyDns,
 }
 
 impl Policy {
@@ -181,6 +188,8 @@ impl Policy {
         let state = state_settings(&raw.state, &vault).map_err(err)?;
         let run = run_settings(&raw.run).map_err(err)?;
         let defaults = KeyDefaults::from_raw(&raw.defaults).map_err(err)?;
+        let mut dns =
+            crate::dns::config::PolicyDns::load_targets(raw.dns, base, (path, text, &lines))?;
 
         if let Some(extra) = raw.keys.get(MAX_KEYS) {
             return Err(err(FieldError::new(
@@ -200,6 +209,7 @@ impl Policy {
             let mut k = spanned.into_inner();
             let raw_data = std::mem::take(&mut k.data);
             let raw_guard = (k.max_census_age.take(), k.rewrap_before_retire.take());
+            let raw_dns = k.dns.take();
             let key =
                 merge_key(&defaults, k, line).map_err(|e| e.into_config(path, &lines, line))?;
             let sources =
@@ -215,6 +225,15 @@ impl Policy {
             if !sources.is_empty() {
                 data.insert((key.mount.clone(), key.name.to_string()), sources);
                 data_guard.insert((key.mount.clone(), key.name.to_string()), guard);
+            }
+            if let Some(raw_dns) = raw_dns {
+                dns.add_key(
+                    &key.mount,
+                    &key.name,
+                    key.key_type,
+                    raw_dns,
+                    (path, text, &lines),
+                )?;
             }
             keys.push(key);
         }
@@ -237,6 +256,7 @@ impl Policy {
             notify,
             data,
             data_guard,
+            dns,
         })
     }
 
@@ -250,6 +270,11 @@ impl Policy {
             .get(&(k.mount.clone(), k.name.to_string()))
             .copied()
             .unwrap_or_default()
+    }
+
+    /// The key's `[keys.dns]` settings, if it has them.
+    pub fn key_dns(&self, k: &KeyPolicy) -> Option<&crate::dns::KeyDns> {
+        self.dns.key(&k.mount, k.name.as_str())
     }
 
     /// The key's `[[keys.data]]` sources (empty when it has none).
@@ -415,6 +440,13 @@ impl KeyDefaults {
                 "set it on each [[keys]] entry that has [[keys.data]] sources",
             )
             .at(b.span()));
+        }
+        if let Some(t) = &d.dns {
+            return Err(FieldError::new(
+                "defaults.dns",
+                "DNS settings belong to one DKIM key; write [keys.dns] after its [[keys]] entry",
+            )
+            .at(t.span()));
         }
         if let Some(first) = d.data.first() {
             return Err(FieldError::new(
@@ -787,5 +819,145 @@ type = "hmac"
     fn same_name_on_two_mounts_is_allowed() {
         let p = load("[defaults]\ntype=\"hmac\"\nrotate_every=\"1d\"\n[[keys]]\nname=\"a\"\n[[keys]]\nname=\"a\"\nmount=\"transit-eu\"\n").unwrap();
         assert_eq!(p.keys.len(), 2);
+    }
+
+    const DNS_TARGETS: &str = r#"
+[[dns.target]]
+name = "primary"
+kind = "rfc2136"
+zone = "example.com"
+server = "127.0.0.1:5300"
+tsig_key = "keyroll"
+tsig_secret_file = "tsig.key"
+
+[[dns.target]]
+name = "files"
+kind = "zonefile"
+zone = "example.org"
+path = "dkim.inc"
+reload = ["knotc", "zone-reload", "example.org"]
+servers = ["127.0.0.1:53"]
+"#;
+
+    fn dkim(name: &str, key_type: &str, dns: &str) -> String {
+        format!(
+            "[[keys]]\nname = \"{name}\"\ntype = \"{key_type}\"\nrotate_every = \"30d\"\n\n[keys.dns]\n{dns}"
+        )
+    }
+
+    #[test]
+    fn dkim_keys_get_their_dns_settings_and_targets_resolve_relative_paths() {
+        let p = load(&format!(
+            "{DNS_TARGETS}\n{}\n{}",
+            dkim("mail-rsa", "rsa-2048", "target = \"primary\"\ndomain = \"example.com\"\n"),
+            dkim(
+                "mail-ed",
+                "ed25519",
+                "target = \"files\"\ndomain = \"example.org\"\nselector = \"ed{version}\"\nsigning_report_max_age = \"12h\"\n"
+            )
+        ))
+        .unwrap();
+        let rsa = p.key_dns(p.key("mail-rsa").unwrap()).unwrap();
+        assert_eq!(rsa.target, "primary");
+        assert_eq!(
+            rsa.signing_report_max_age.std(),
+            crate::signing::DEFAULT_REPORT_MAX_AGE
+        );
+        let ed = p.key_dns(p.key("mail-ed").unwrap()).unwrap();
+        assert_eq!(
+            ed.signing_report_max_age.std(),
+            Duration::from_secs(12 * 3600)
+        );
+        let t = p.dns.targets.get("primary").unwrap();
+        let crate::dns::config::TargetKind::Rfc2136(r) = &t.kind else {
+            panic!("kind")
+        };
+        assert_eq!(r.tsig.secret_file, Path::new("/etc/keyroll/tsig.key"));
+        // A policy without DNS has none, and old policies still load.
+        assert!(
+            load("[[keys]]\nname=\"a\"\ntype=\"hmac\"\nrotate_every=\"1d\"\n")
+                .unwrap()
+                .dns
+                .is_empty()
+        );
+    }
+
+    /// Every bad DNS setting names the file, the line of the field and the field.
+    #[test]
+    fn bad_dns_settings_name_file_line_and_field() {
+        let n = DNS_TARGETS.lines().count();
+        let dns_ok = "target = \"primary\"\ndomain = \"example.com\"\n";
+        let cases = [
+            // Not a DKIM-capable type: the [keys.dns] table's line.
+            (
+                format!("{DNS_TARGETS}{}", dkim("h", "hmac", dns_ok)),
+                format!(":{}: keys.dns: key h is hmac, which cannot sign DKIM mail; DNS records are published for rsa-2048, rsa-3072, rsa-4096, ed25519 keys only", n + 6),
+            ),
+            (
+                format!("{DNS_TARGETS}{}", dkim("e", "ecdsa-p256", dns_ok)),
+                format!(":{}: keys.dns: key e is ecdsa-p256", n + 6),
+            ),
+            // Unknown target: the line of `target =`.
+            (
+                format!(
+                    "{DNS_TARGETS}{}",
+                    dkim("d", "ed25519", "domain = \"example.com\"\ntarget = \"nope\"\n")
+                ),
+                format!(
+                    ":{}: keys.dns.target: no [[dns.target]] is named \"nope\"; defined: files, primary",
+                    n + 8
+                ),
+            ),
+            // A domain outside the target's zone.
+            (
+                format!(
+                    "{DNS_TARGETS}{}",
+                    dkim("d", "ed25519", "target = \"primary\"\ndomain = \"example.net\"\n")
+                ),
+                format!(":{}: keys.dns.domain: example.net is not in zone example.com", n + 8),
+            ),
+            // An inline TSIG secret is refused without echoing it.
+            (
+                "[[dns.target]]\nname = \"t\"\nkind = \"rfc2136\"\nzone = \"example.com\"\n\
+                 server = \"127.0.0.1:53\"\ntsig_key = \"k\"\ntsig_secret = \"c2VjcmV0\"\n"
+                    .to_string(),
+                ":7: dns.target.tsig_secret: a TSIG secret is never written into the policy".into(),
+            ),
+            (
+                format!("{DNS_TARGETS}[[dns.target]]\nname = \"files\"\nkind = \"rfc2136\"\n"),
+                format!(":{}: dns.target.zone:", n + 1),
+            ),
+            (
+                format!("{DNS_TARGETS}{}", dkim("d", "ed25519", "target = \"primary\"\ndomain = \"example.com\"\nsigning_report_max_age = \"1m\"\n")),
+                format!(":{}: keys.dns.signing_report_max_age: 1m is out of range", n + 9),
+            ),
+            // [keys.dns] in [defaults].
+            (
+                format!("{DNS_TARGETS}[defaults.dns]\ntarget = \"primary\"\n"),
+                format!(":{}: defaults.dns:", n + 1),
+            ),
+        ];
+        for (text, want) in cases {
+            let e = err(&text);
+            assert!(
+                e.starts_with(&format!("/etc/keyroll/policy.toml{want}")),
+                "want {want}\ngot  {e}\n{text}"
+            );
+            assert!(!e.contains("c2VjcmV0"), "{e}");
+        }
+    }
+
+    #[test]
+    fn a_zonefile_target_holds_one_key() {
+        let dns = "target = \"files\"\ndomain = \"example.org\"\n";
+        let e = err(&format!(
+            "{DNS_TARGETS}{}\n{}",
+            dkim("a", "ed25519", dns),
+            dkim("b", "ed25519", dns)
+        ));
+        assert!(
+            e.contains("keys.dns.target: zonefile target files already holds key transit/a"),
+            "{e}"
+        );
     }
 }

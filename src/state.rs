@@ -23,6 +23,10 @@ pub struct KeyRecord {
     /// seen by keyroll.
     #[serde(default)]
     pub retired: BTreeMap<u32, Timestamp>,
+    /// Each version's DKIM record in DNS (keys with `[keys.dns]` only; absent in records
+    /// written before DNS publishing existed).
+    #[serde(default, skip_serializing_if = "crate::dns::DnsState::is_empty")]
+    pub dns: crate::dns::DnsState,
 }
 
 /// What one read of Vault (and keyroll's record) found for a managed key.

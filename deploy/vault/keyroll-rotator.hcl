@@ -9,8 +9,8 @@
 #   - another name prefix:     replace "mail-" (a glob only works at the end of a path, so a
 #                              prefix is the finest scope; or list each key by its full name:
 #                              "transit/keys/mail-dkim" plus "transit/keys/mail-dkim/*");
-#   - another [state] mount or path: replace "secret/data/keyroll/" and
-#                              "secret/metadata/keyroll/".
+#   - another [state] mount or path: replace "secret/data/keyroll/",
+#                              "secret/metadata/keyroll/" and "secret/metadata/keyroll/signing/".
 #
 # What each line is for is written beside it. The rotator never exports key material: there is
 # no "transit/export/..." line, so a leaked rotator token cannot read a private key. It cannot
@@ -59,6 +59,13 @@ path "secret/data/keyroll/*" {
 # reads the current version and writes over the deleted one. No metadata writes or deletes.
 path "secret/metadata/keyroll/*" {
   capabilities = ["read"]
+}
+
+# DKIM keys with [keys.dns]: which version each mailer signs with, as keyroll-sidecar reports it
+# at secret/data/keyroll/signing/<mount>/<key>/<sidecar id> (read through the data rule above).
+# keyroll LISTs a key's report directory to find every sidecar's report. Read only.
+path "secret/metadata/keyroll/signing/*" {
+  capabilities = ["list", "read"]
 }
 
 # Long-running `keyroll run`: look the token up to learn its TTL and renew it before it expires.

@@ -11,7 +11,7 @@ use clap::{Args, Parser, Subcommand, ValueEnum};
     version,
     about = "Policy-driven rotation and retention of Vault/OpenBao transit keys",
     after_help = "Exit codes: 0 ok · 1 an action or read failed · 2 usage · 3 drift or overdue key · \
-                  4 a notifier failed (work done) · 64 invalid policy/config · 69 Vault unreachable or sealed · \
+                  4 a notifier failed (work done) · 5 a DNS step failed (Vault work done) · 64 invalid policy/config · 69 Vault unreachable or sealed · \
                   77 permission denied"
 )]
 pub struct Cli {

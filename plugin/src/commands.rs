@@ -143,6 +143,53 @@ struct PlanKey<'a> {
     blocked: Vec<Blocked>,
     #[serde(skip_serializing_if = "Option::is_none")]
     error: Option<String>,
+    /// DNS stages and the DNS steps apply would take (queries only; nothing is written).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    dns: Option<keyroll::apply::dns::DnsOutcome>,
+}
+
+/// Exit codes for a key's DNS outcome: 5 for a failed step, 3 for problems to look at.
+fn dns_codes(d: Option<&keyroll::apply::dns::DnsOutcome>) -> Vec<u8> {
+    let mut codes = Vec::new();
+    if let Some(d) = d {
+        if d.error.is_some() {
+            codes.push(exit::DNS_FAILED);
+        }
+        if !d.problems.is_empty() {
+            codes.push(exit::ATTENTION);
+        }
+    }
+    codes
+}
+
+/// Table rows for a key's DNS outcome: one per step, problem and error.
+fn dns_rows(
+    key: &str,
+    mount: &str,
+    d: Option<&keyroll::apply::dns::DnsOutcome>,
+) -> Vec<Vec<String>> {
+    let mut rows = Vec::new();
+    let Some(d) = d else { return rows };
+    for a in &d.actions {
+        rows.push(vec![
+            key.into(),
+            mount.into(),
+            a.verb().into(),
+            a.reason().into(),
+        ]);
+    }
+    for p in &d.problems {
+        rows.push(vec![key.into(), mount.into(), "DNS".into(), p.clone()]);
+    }
+    if let Some(e) = &d.error {
+        rows.push(vec![
+            key.into(),
+            mount.into(),
+            "DNS FAILED".into(),
+            e.clone(),
+        ]);
+    }
+    rows
 }
 
 async fn plan(cli: &Cli, policy: &Policy, at: Timestamp) -> anyhow::Result<u8> {
@@ -162,15 +209,20 @@ async fn plan(cli: &Cli, policy: &Policy, at: Timestamp) -> anyhow::Result<u8> {
             actions: Vec::new(),
             blocked: Vec::new(),
             error: None,
+            dns: None,
         };
         match r {
-            Ok((_, p)) => {
+            Ok((o, p)) => {
                 if !p.drift.is_empty() || !p.blocked.is_empty() {
                     codes.push(exit::ATTENTION);
                 }
                 pk.drift = p.drift.clone();
                 pk.actions = p.actions.clone();
                 pk.blocked = p.blocked.clone();
+                if let keyroll::state::Observation::Present { key, .. } = o {
+                    pk.dns = apply::dns::preview(&vault, policy, k, key, at).await;
+                    codes.extend(dns_codes(pk.dns.as_ref()));
+                }
             }
             Err(e) => {
                 codes.push(exit::of_class(FailureClass::of(e)));
@@ -197,7 +249,12 @@ async fn plan(cli: &Cli, policy: &Policy, at: Timestamp) -> anyhow::Result<u8> {
                     "DRIFT".into(),
                     k.drift.join("; "),
                 ]);
-            } else if k.actions.is_empty() && k.blocked.is_empty() {
+            } else if k.actions.is_empty()
+                && k.blocked.is_empty()
+                && k.dns.as_ref().is_none_or(|d| {
+                    d.actions.is_empty() && d.problems.is_empty() && d.error.is_none()
+                })
+            {
                 rows.push(vec![
                     k.key.into(),
                     k.mount.into(),
@@ -214,8 +271,13 @@ async fn plan(cli: &Cli, policy: &Policy, at: Timestamp) -> anyhow::Result<u8> {
                 ]);
             }
             rows.extend(blocked_rows(k.key, k.mount, &k.blocked));
+            rows.extend(dns_rows(k.key, k.mount, k.dns.as_ref()));
         }
-        let n = out.keys.iter().map(|k| k.actions.len()).sum::<usize>();
+        let n = out
+            .keys
+            .iter()
+            .map(|k| k.actions.len() + k.dns.as_ref().map_or(0, |d| d.actions.len()))
+            .sum::<usize>();
         let b = out.keys.iter().map(|k| k.blocked.len()).sum::<usize>();
         format!(
             "{}\nplan at {}: {n} action(s), {b} blocked",
@@ -322,6 +384,7 @@ async fn finish(cli: &Cli, policy: &Policy, report: &ApplyReport, audit: &mut Au
         if !k.drift.is_empty() || !k.blocked.is_empty() {
             codes.push(exit::ATTENTION);
         }
+        codes.extend(dns_codes(k.dns.as_ref()));
     }
     emit(cli.output, report, || {
         let mut rows = Vec::new();
@@ -351,9 +414,17 @@ async fn finish(cli: &Cli, policy: &Policy, report: &ApplyReport, audit: &mut Au
                     e.clone(),
                 ]);
             }
+            rows.extend(dns_rows(&k.key, &k.mount, k.dns.as_ref()));
         }
-        let changed = report.keys.iter().filter(|k| !k.actions.is_empty()).count();
+        let changed = report
+            .keys
+            .iter()
+            .filter(|k| {
+                !k.actions.is_empty() || k.dns.as_ref().is_some_and(|d| !d.actions.is_empty())
+            })
+            .count();
         let failed = report.failures().count();
+        let dns_failed = report.dns_failures().count();
         let drifted = report.keys.iter().filter(|k| !k.drift.is_empty()).count();
         let blocked = report.keys.iter().filter(|k| !k.blocked.is_empty()).count();
         let skipped = report.keys.iter().filter(|k| k.skipped).count();
@@ -368,13 +439,18 @@ async fn finish(cli: &Cli, policy: &Policy, report: &ApplyReport, audit: &mut Au
         }
         s.push_str(&format!(
             "{}: {} key(s), {changed} {verb}, {failed} failed, {drifted} drifted, {blocked} \
-             blocked{}",
+             blocked{}{}",
             if report.dry_run {
                 "apply --dry-run"
             } else {
                 "apply"
             },
             report.keys.len(),
+            if dns_failed > 0 {
+                format!(", {dns_failed} DNS step(s) failed")
+            } else {
+                String::new()
+            },
             if skipped > 0 {
                 format!(", {skipped} skipped (shutdown)")
             } else {
@@ -388,6 +464,10 @@ async fn finish(cli: &Cli, policy: &Policy, report: &ApplyReport, audit: &mut Au
             .failures()
             .map(|k| (k.key.clone(), k.error.clone().unwrap_or_default())),
     );
+    print_errors(report.dns_failures().map(|k| {
+        let e = k.dns.as_ref().and_then(|d| d.error.clone());
+        (k.key.clone(), format!("DNS: {}", e.unwrap_or_default()))
+    }));
     exit::worst(codes)
 }
 
@@ -501,24 +581,37 @@ async fn status(
     let mut errors = Vec::new();
     for (k, o) in policy.keys.iter().zip(obs) {
         let o = match o {
-            Ok(o) => apply::read_guard(&vault, &policy.state, k, apply::KeyData::of(policy, k))
-                .await
-                .map(|g| (o, g)),
+            Ok(o) => {
+                apply::read_guards(&vault, &policy.state, k, apply::KeyData::of(policy, k), at)
+                    .await
+                    .map(|g| (o, g))
+            }
             Err(e) => Err(e),
         };
         match o {
             Ok((o, guard)) => {
                 let mut s = key_status(k, &o, at, grace);
-                let holds = apply::holds_for(guard.as_ref(), &o, at);
+                let holds = apply::holds_for(&guard, &o, at);
                 s.blocked = plan_key_held(k, &o, &holds, at).blocked;
                 if s.overdue || !s.drift.is_empty() || !s.blocked.is_empty() {
                     codes.push(exit::ATTENTION);
                 }
-                let census = guard.and_then(|g| match g.census {
+                let census = guard.data.and_then(|g| match g.census {
                     keyroll::holds::LatestCensus::Taken(c) => Some(c),
                     _ => None,
                 });
-                statuses.push(StatusRow { status: s, census });
+                let dns = match &o {
+                    keyroll::state::Observation::Present { key, .. } => {
+                        apply::dns::preview(&vault, policy, k, key, at).await
+                    }
+                    keyroll::state::Observation::Missing => None,
+                };
+                codes.extend(dns_codes(dns.as_ref()));
+                statuses.push(StatusRow {
+                    status: s,
+                    census,
+                    dns,
+                });
             }
             Err(e) => {
                 codes.push(exit::of_class(FailureClass::of(&e)));
@@ -593,19 +686,23 @@ async fn status(
         for c in statuses.iter().filter_map(|r| r.census.as_ref()) {
             s.push_str(&census_line(c));
         }
-        s
+        s + &dns_status_table(&statuses)
     });
     print_errors(errors.into_iter());
     Ok(exit::worst(codes))
 }
 
-/// A key's status and, for a key with `[[keys.data]]`, its latest stored census.
+/// `status` per key: the planner's status; for a key with `[[keys.data]]`, its latest stored
+/// census; for DKIM keys with `[keys.dns]`, each version's DNS stage and what the next run would
+/// do.
 #[derive(Serialize)]
 struct StatusRow {
     #[serde(flatten)]
     status: keyroll::planner::KeyStatus,
     #[serde(skip_serializing_if = "Option::is_none")]
     census: Option<keyroll::census::KeyCensus>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    dns: Option<keyroll::apply::dns::DnsOutcome>,
 }
 
 /// "census of transit/k at T: subscribers.c v1 1,200, v2 3; ..." for `status`'s text output.
@@ -637,6 +734,69 @@ fn census_line(c: &keyroll::census::KeyCensus) -> String {
         c.key,
         secs(c.taken_at),
         per.join("; ")
+    )
+}
+
+/// The DNS table under `status` (empty when no key publishes DNS records).
+fn dns_status_table(rows: &[StatusRow]) -> String {
+    let mut t = Vec::new();
+    for r in rows {
+        let Some(d) = &r.dns else { continue };
+        let key = r.status.key.to_string();
+        for v in &d.versions {
+            let next: Vec<&str> = d
+                .actions
+                .iter()
+                .filter(|a| a.version() == v.version)
+                .map(|a| a.verb())
+                .collect();
+            t.push(vec![
+                key.clone(),
+                format!("v{}", v.version),
+                v.owner.clone(),
+                format!("{:?}", v.stage).to_lowercase(),
+                if d.signing == Some(v.version) {
+                    "yes".into()
+                } else {
+                    "-".into()
+                },
+                if next.is_empty() {
+                    "-".into()
+                } else {
+                    next.join(", ")
+                },
+            ]);
+        }
+        for p in &d.problems {
+            t.push(vec![
+                key.clone(),
+                "-".into(),
+                "-".into(),
+                "PROBLEM".into(),
+                "-".into(),
+                p.clone(),
+            ]);
+        }
+        if let Some(e) = &d.error {
+            t.push(vec![
+                key.clone(),
+                "-".into(),
+                "-".into(),
+                "DNS FAILED".into(),
+                "-".into(),
+                e.clone(),
+            ]);
+        }
+    }
+    if t.is_empty() {
+        return String::new();
+    }
+    format!(
+        "\n{}",
+        table(
+            &["KEY", "VERSION", "RECORD", "DNS STAGE", "SIGNING", "NEXT"],
+            &t
+        )
     )
 }
 

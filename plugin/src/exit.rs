@@ -13,6 +13,9 @@ pub const FAILURE: u8 = 1;
 pub const ATTENTION: u8 = 3;
 /// All work done, but a notifier (webhook, e-mail) could not deliver.
 pub const NOTIFY_FAILED: u8 = 4;
+/// A DNS step failed (REFUSED, NOTAUTH/BADKEY, timeout, zone reload failed); the Vault work
+/// and the other keys were done.
+pub const DNS_FAILED: u8 = 5;
 /// The policy or config is invalid (EX_USAGE, as linkerd does).
 pub const CONFIG: u8 = 64;
 /// Vault is unreachable, sealed or timing out (EX_UNAVAILABLE).
@@ -51,13 +54,15 @@ pub fn of_error(e: &anyhow::Error) -> u8 {
     FAILURE
 }
 
-/// The most severe of several outcomes: unavailable > denied > failure > attention > notify.
+/// The most severe of several outcomes: config > unavailable > denied > failure > DNS failed >
+/// attention > notify.
 pub fn worst(codes: impl IntoIterator<Item = u8>) -> u8 {
     let rank = |c: u8| match c {
-        CONFIG => 7,
-        UNAVAILABLE => 6,
-        DENIED => 5,
-        FAILURE => 4,
+        CONFIG => 8,
+        UNAVAILABLE => 7,
+        DENIED => 6,
+        FAILURE => 5,
+        DNS_FAILED => 4,
         ATTENTION => 3,
         NOTIFY_FAILED => 2,
         _ => 0,
@@ -74,5 +79,7 @@ mod tests {
         assert_eq!(worst([OK, NOTIFY_FAILED, ATTENTION]), ATTENTION);
         assert_eq!(worst([DENIED, UNAVAILABLE, FAILURE]), UNAVAILABLE);
         assert_eq!(worst([]), OK);
+        assert_eq!(worst([ATTENTION, DNS_FAILED, NOTIFY_FAILED]), DNS_FAILED);
+        assert_eq!(worst([DNS_FAILED, FAILURE]), FAILURE);
     }
 }

@@ -7,17 +7,22 @@
 //! may take far longer than a lock's TTL. The retire/trim it enables is decided afterwards
 //! under the lock, on a fresh read of the key and of the census stored after the rewrap.
 
-use jiff::Timestamp;
+use std::time::Duration;
+
+use jiff::{SignedDuration, Timestamp};
 
 use super::{Ctx, KeyOutcome};
 use crate::census::{self, CensusError};
 use crate::datasource::DataSource;
+use crate::dns::{check_servers, query_soa, retire_hold, DnsState, DnsTarget, KeyDns, KeyFacts};
 use crate::events::EventKind;
 use crate::holds::{data_holds, gather, thousands, DataGuard, DataGuardSettings, LatestCensus};
 use crate::planner::{Blocked, Holds};
 use crate::policy::{KeyPolicy, Policy, StateSettings};
 use crate::rewrap::{self, RewrapOptions};
+use crate::signing::{read_reports, signing_version};
 use crate::state::Observation;
+use crate::store::read_record;
 use crate::vault::{Vault, VaultError};
 
 /// A key's data sources and guard settings, from the policy (no sources: no data holds).
@@ -25,6 +30,9 @@ use crate::vault::{Vault, VaultError};
 pub struct KeyData<'p> {
     pub sources: &'p [DataSource],
     pub settings: DataGuardSettings,
+    /// A DKIM key's `[keys.dns]` and its target (its retire hold waits for the successor to
+    /// sign).
+    pub dns: Option<(&'p KeyDns, &'p DnsTarget)>,
 }
 
 impl<'p> KeyData<'p> {
@@ -32,8 +40,87 @@ impl<'p> KeyData<'p> {
         KeyData {
             sources: policy.data_sources(k),
             settings: policy.data_guard(k),
+            dns: policy
+                .key_dns(k)
+                .and_then(|kd| policy.dns.targets.get(&kd.target).map(|t| (kd, t))),
         }
     }
+}
+
+/// Negative-caching TTL assumed when no authoritative server tells the zone's SOA: three hours,
+/// the longest that common resolvers cache a "no such name" (BIND's `max-ncache-ttl`, Unbound's
+/// `cache-max-negative-ttl` defaults). Erring long keeps the old selector usable longer, never
+/// shorter.
+pub const FALLBACK_NEGATIVE_TTL: Duration = Duration::from_secs(3 * 3600);
+
+/// What a DKIM key's retire hold needs besides Vault's key: which version the sidecars report
+/// signing, the zone's negative-caching TTL and keyroll's recorded DNS stages.
+#[derive(Debug, Clone)]
+pub struct DnsGuard {
+    pub signing: Option<u32>,
+    pub negative_ttl: Duration,
+    pub state: DnsState,
+}
+
+/// Everything that may hold a key's destructive steps, read once per plan.
+#[derive(Debug, Default)]
+pub struct Guards<'p> {
+    pub data: Option<DataGuard<'p>>,
+    pub dns: Option<DnsGuard>,
+}
+
+/// The data guard ([`read_guard`]) and, for a DKIM key with `[keys.dns]`, its DNS guard. DNS
+/// trouble never fails the key here: unreadable reports count as "unknown", an unanswered SOA
+/// as [`FALLBACK_NEGATIVE_TTL`] (the DNS step reports both).
+pub async fn read_guards<'p>(
+    vault: &Vault,
+    state: &StateSettings,
+    k: &KeyPolicy,
+    data: KeyData<'p>,
+    now: Timestamp,
+) -> Result<Guards<'p>, VaultError> {
+    let dns = match data.dns {
+        None => None,
+        Some((kd, target)) => Some(read_dns_guard(vault, state, k, kd, target, now).await?),
+    };
+    Ok(Guards {
+        data: read_guard(vault, state, k, data).await?,
+        dns,
+    })
+}
+
+async fn read_dns_guard(
+    vault: &Vault,
+    state: &StateSettings,
+    k: &KeyPolicy,
+    kd: &KeyDns,
+    target: &DnsTarget,
+    now: Timestamp,
+) -> Result<DnsGuard, VaultError> {
+    let (record, _) = read_record(vault, state, &k.mount, &k.name).await?;
+    let signing = match read_reports(vault, state, &k.mount, k.name.as_str()).await {
+        Ok(r) => signing_version(&r, now, kd.signing_report_max_age.std()),
+        Err(_) => None,
+    };
+    let mut negative_ttl: Option<Duration> = None;
+    if let Ok(servers) = check_servers(target).await {
+        for s in &servers {
+            match query_soa(s, &target.zone, target.timeout).await {
+                Ok(soa) => {
+                    negative_ttl = Some(negative_ttl.unwrap_or_default().max(soa.negative_ttl()))
+                }
+                Err(_) => {
+                    negative_ttl = None;
+                    break;
+                }
+            }
+        }
+    }
+    Ok(DnsGuard {
+        signing,
+        negative_ttl: negative_ttl.unwrap_or(FALLBACK_NEGATIVE_TTL),
+        state: record.dns,
+    })
 }
 
 /// The latest stored census of a data key; a record that is not a census becomes a hold's
@@ -61,13 +148,22 @@ pub async fn read_guard<'p>(
     }))
 }
 
-/// The planner's holds for a key as observed now.
-pub fn holds_for(guard: Option<&DataGuard<'_>>, obs: &Observation, now: Timestamp) -> Holds {
-    let data = match (guard, obs) {
-        (Some(g), Observation::Present { key, record }) => data_holds(key, record, g, now),
-        _ => Vec::new(),
+/// The planner's holds for a key as observed now: the data holds, and a DKIM key's DNS retire
+/// hold (never retire the version that signs until its successor signs; see `dns::hold`).
+pub fn holds_for(guards: &Guards<'_>, obs: &Observation, now: Timestamp) -> Holds {
+    let Observation::Present { key, record } = obs else {
+        return Holds::default();
     };
-    gather(data, None)
+    let data = match &guards.data {
+        Some(g) => data_holds(key, record, g, now),
+        None => Vec::new(),
+    };
+    let dns = guards.dns.as_ref().and_then(|d| {
+        let facts = KeyFacts::from_transit(key, &record.retired, d.signing).ok()?;
+        let ttl = SignedDuration::try_from(d.negative_ttl).unwrap_or(SignedDuration::MAX);
+        retire_hold(&facts, &d.state, ttl, now)
+    });
+    gather(data, dns)
 }
 
 /// One `blocked` event per distinct hold reason (a reason covering several versions or both

@@ -41,7 +41,9 @@ use std::time::Duration;
 use serde::Deserialize;
 
 use super::records::{check_name, in_zone, SelectorTemplate};
+use crate::config::{ConfigError, LineIndex};
 use crate::duration::Span;
+use crate::KeyType;
 
 /// Default time for one DNS request (query or UPDATE) before it counts as a timeout.
 pub const DEFAULT_DNS_TIMEOUT_SECS: u64 = 5;
@@ -112,6 +114,9 @@ pub struct RawKeyDns {
     pub selector: Option<String>,
     pub revoke_after: Option<Span>,
     pub remove_after: Option<Span>,
+    /// Ignore sidecar signing reports older than this (default
+    /// `signing::DEFAULT_REPORT_MAX_AGE`).
+    pub signing_report_max_age: Option<Span>,
 }
 
 /// TSIG algorithms keyroll signs with (RFC 8945 §6: hmac-sha256 is the recommended one).
@@ -514,6 +519,33 @@ fn check_tsig_key_name(name: &str) -> Result<(), String> {
     Ok(())
 }
 
+/// Shortest and longest `signing_report_max_age` accepted: shorter than the sidecar's refresh
+/// interval would call every live sidecar stale; longer than 30 days lets a mailer gone for
+/// good hold a version for a month.
+pub const MIN_REPORT_MAX_AGE_SECS: u64 = 2 * 3600;
+pub const MAX_REPORT_MAX_AGE_SECS: u64 = 30 * 86_400;
+
+fn report_max_age(v: Option<Span>) -> Result<Span, Invalid> {
+    let Some(s) = v else {
+        return Ok(Span::from_secs(
+            crate::signing::DEFAULT_REPORT_MAX_AGE.as_secs(),
+        ));
+    };
+    let secs = s.std().as_secs();
+    if !(MIN_REPORT_MAX_AGE_SECS..=MAX_REPORT_MAX_AGE_SECS).contains(&secs) {
+        return Err((
+            "keys.dns.signing_report_max_age",
+            format!(
+                "{s} is out of range; use {}..={} (the sidecar refreshes its report every {})",
+                crate::duration::compact(Duration::from_secs(MIN_REPORT_MAX_AGE_SECS)),
+                crate::duration::compact(Duration::from_secs(MAX_REPORT_MAX_AGE_SECS)),
+                crate::duration::compact(crate::signing::REFRESH_AFTER),
+            ),
+        ));
+    }
+    Ok(s)
+}
+
 /// A DKIM key's validated DNS settings.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct KeyDns {
@@ -525,6 +557,9 @@ pub struct KeyDns {
     pub revoke_after: Span,
     /// Time after revocation before the record is deleted.
     pub remove_after: Span,
+    /// Sidecar signing reports older than this are ignored (a mailer gone for good must not
+    /// hold a version signing for ever).
+    pub signing_report_max_age: Span,
 }
 
 impl KeyDns {
@@ -598,7 +633,151 @@ impl KeyDns {
                 DEFAULT_REMOVE_AFTER_SECS,
                 "keys.dns.remove_after",
             )?,
+            signing_report_max_age: report_max_age(raw.signing_report_max_age)?,
         })
+    }
+}
+
+/// The policy file's `[dns]` section as written: `[[dns.target]]` entries with their place in
+/// the file, so an error names its line.
+#[derive(Debug, Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+pub struct RawPolicyDns {
+    #[serde(default)]
+    target: Vec<toml::Spanned<RawDnsTarget>>,
+}
+
+/// Key types whose versions can sign DKIM mail (RFC 8301: RSA of at least 1024 bits, and
+/// RFC 8463: ed25519). OpenDKIM signs with both; ECDSA has no DKIM algorithm.
+pub const DKIM_KEY_TYPES: [KeyType; 4] = [
+    KeyType::Rsa2048,
+    KeyType::Rsa3072,
+    KeyType::Rsa4096,
+    KeyType::Ed25519,
+];
+
+/// The policy's DNS settings, validated: the targets, and each DKIM key's `[keys.dns]` by
+/// `(transit mount, key name)`.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct PolicyDns {
+    pub targets: DnsTargets,
+    pub keys: BTreeMap<(String, String), KeyDns>,
+}
+
+/// The 1-based line in `text` of `field`'s last part written as `name =` in the table that
+/// starts at `span` (up to the next `[` header), or the table's first line: the raw shapes
+/// carry no spans per field, so the loader finds the field's own line in the table it
+/// validated.
+fn field_line(text: &str, lines: &LineIndex, span: std::ops::Range<usize>, field: &str) -> usize {
+    let name = field.rsplit('.').next().unwrap_or(field);
+    let body = text.get(span.start..).unwrap_or("");
+    let mut offset = 0;
+    for (i, l) in body.split_inclusive('\n').enumerate() {
+        let t = l.trim_start();
+        if i > 0 && t.starts_with('[') {
+            break;
+        }
+        if let Some(rest) = t.strip_prefix(name) {
+            if rest.trim_start().starts_with('=') {
+                return lines.line(span.start + offset);
+            }
+        }
+        offset += l.len();
+    }
+    lines.line(span.start)
+}
+
+impl PolicyDns {
+    /// Validates every `[[dns.target]]` (names unique); errors name file, line and field.
+    pub fn load_targets(
+        raw: RawPolicyDns,
+        base: &Path,
+        (path, text, lines): (&Path, &str, &LineIndex),
+    ) -> Result<Self, ConfigError> {
+        let mut targets = BTreeMap::new();
+        for spanned in raw.target {
+            let span = spanned.span();
+            let bad = |(field, reason): Invalid| ConfigError::Invalid {
+                path: path.to_path_buf(),
+                line: field_line(text, lines, span.clone(), field),
+                field: field.to_string(),
+                reason,
+            };
+            let t = DnsTarget::from_raw(spanned.into_inner(), base).map_err(bad)?;
+            if targets.contains_key(&t.name) {
+                return Err(bad((
+                    "dns.target.name",
+                    format!(
+                        "target {:?} is defined twice; give each a distinct name",
+                        t.name
+                    ),
+                )));
+            }
+            targets.insert(t.name.clone(), t);
+        }
+        Ok(PolicyDns {
+            targets: DnsTargets(targets),
+            keys: BTreeMap::new(),
+        })
+    }
+
+    /// Validates one key's `[keys.dns]` against the targets; the key must be of a DKIM type.
+    pub fn add_key(
+        &mut self,
+        mount: &str,
+        name: &crate::KeyName,
+        key_type: KeyType,
+        raw: toml::Spanned<RawKeyDns>,
+        (path, text, lines): (&Path, &str, &LineIndex),
+    ) -> Result<(), ConfigError> {
+        let span = raw.span();
+        let bad = |(field, reason): Invalid| ConfigError::Invalid {
+            path: path.to_path_buf(),
+            line: field_line(text, lines, span.clone(), field),
+            field: field.to_string(),
+            reason,
+        };
+        if !DKIM_KEY_TYPES.contains(&key_type) {
+            return Err(bad((
+                "keys.dns",
+                format!(
+                    "key {name} is {key_type}, which cannot sign DKIM mail; DNS records are \
+                     published for {} keys only",
+                    DKIM_KEY_TYPES.map(|t| t.as_str()).join(", ")
+                ),
+            )));
+        }
+        let k = KeyDns::from_raw(raw.into_inner(), name.as_str(), &self.targets).map_err(bad)?;
+        let zonefile = self
+            .targets
+            .get(&k.target)
+            .is_some_and(|t| matches!(t.kind, TargetKind::ZoneFile(_)));
+        if let Some(((m, other), _)) = self
+            .keys
+            .iter()
+            .find(|(_, o)| zonefile && o.target == k.target)
+        {
+            return Err(bad((
+                "keys.dns.target",
+                format!(
+                    "zonefile target {} already holds key {m}/{other}'s records; keyroll \
+                     rewrites a zone file from one key's records, so give each key its own \
+                     zonefile target (file)",
+                    k.target
+                ),
+            )));
+        }
+        self.keys.insert((mount.to_string(), name.to_string()), k);
+        Ok(())
+    }
+
+    pub fn key(&self, mount: &str, name: &str) -> Option<&KeyDns> {
+        self.keys.get(&(mount.to_string(), name.to_string()))
+    }
+
+    /// Whether any key publishes DNS records.
+    pub fn is_empty(&self) -> bool {
+        self.keys.is_empty()
     }
 }
 

@@ -109,6 +109,11 @@ pub struct VersionDns {
     /// the selector.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub key: Option<String>,
+    /// The record value published (public, like the DNS record itself): Vault stops reporting
+    /// a version's public key once it is retired, but its record must stay served, checked and
+    /// (in a zone file) rendered until it is revoked.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub value: Option<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub published_at: Option<Timestamp>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -306,6 +311,11 @@ impl DnsAction {
 }
 
 impl DnsState {
+    /// Nothing recorded (keys without DNS settings keep no `dns` in their record).
+    pub fn is_empty(&self) -> bool {
+        self.versions.is_empty()
+    }
+
     /// Records a carried-out action (after its DNS change succeeded) at `now`.
     pub fn record(&mut self, action: &DnsAction, now: Timestamp) {
         let e = self
@@ -320,6 +330,7 @@ impl DnsState {
                 *e = VersionDns {
                     owner: e.owner.clone(),
                     key: Some(key_fingerprint(value)),
+                    value: Some(value.clone()),
                     published_at: Some(now),
                     retired_seen: e.retired_seen,
                     ..Default::default()
@@ -668,7 +679,8 @@ impl Ctx<'_> {
                 });
                 confirmed = true;
             }
-            Err(why) if confirmed => plan
+            // While restoring, the restore is the report; the next run checks the servers again.
+            Err(why) if confirmed && !restoring => plan
                 .problems
                 .push(format!("v{v} was confirmed, but now {}: {why}", self.owner)),
             _ => {}
@@ -727,7 +739,9 @@ impl Ctx<'_> {
             self.check_primary(&revoked, "revoked record (p=)", plan);
             return;
         }
-        let value = match full_value(self.facts, v) {
+        let value = match full_value(self.facts, v)
+            .or_else(|e| self.rec.and_then(|r| r.value.clone()).ok_or(e))
+        {
             Ok(value) => value,
             Err(e) => {
                 plan.problems.push(e);
@@ -814,7 +828,7 @@ pub fn zone_records(facts: &KeyFacts, state: &DnsState) -> Vec<(String, String)>
         }
         if r.revoked_at.is_some() {
             out.push((r.owner.clone(), records::revoked_value(facts.alg)));
-        } else if let Ok(value) = full_value(facts, *v) {
+        } else if let Some(value) = full_value(facts, *v).ok().or_else(|| r.value.clone()) {
             out.push((r.owner.clone(), value));
         }
     }

@@ -487,3 +487,55 @@ pub fn client(knot: &Knot, secret_file: &Path, extra: &str) -> keyroll::dns::Rfc
     };
     keyroll::dns::Rfc2136Client::new(&t, spec).expect("client")
 }
+
+/// A policy `[[dns.target]]` (kind rfc2136, zone example.com) for this server, named `name`,
+/// signing with the TSIG key in `secret_file`; the zone's NS set is checked at this server's
+/// port. `extra` adds TOML lines. For policies written by tests of the whole rotator.
+pub fn policy_target(knot: &Knot, name: &str, secret_file: &Path, extra: &str) -> String {
+    format!(
+        "[[dns.target]]\nname = \"{name}\"\nkind = \"rfc2136\"\nzone = \"example.com\"\n\
+         server = \"{}\"\ntsig_key = \"{KEY_NAME}\"\ntsig_secret_file = \"{}\"\n\
+         ns_port = {}\ntimeout = \"3s\"\nttl = \"60s\"\n{extra}\n",
+        knot.server(),
+        secret_file.display(),
+        knot.port,
+    )
+}
+
+/// A policy `[[dns.target]]` of kind zonefile for this server's zone `example.org` (its
+/// `$INCLUDE` file, a blocking `knotc zone-reload`, checked at this server).
+pub fn policy_zonefile_target(knot: &Knot, name: &str) -> String {
+    let reload: Vec<String> = knot
+        .reload_argv()
+        .iter()
+        .map(|a| format!("{a:?}"))
+        .collect();
+    format!(
+        "[[dns.target]]\nname = \"{name}\"\nkind = \"zonefile\"\nzone = \"example.org\"\n\
+         path = \"{}\"\nreload = [{}]\nservers = [\"{}\"]\ntimeout = \"3s\"\nttl = \"60s\"\n",
+        knot.include_file().display(),
+        reload.join(", "),
+        knot.server(),
+    )
+}
+
+/// A DKIM `[[keys]]` entry of `key_type` rotating every 30 days, keeping one version usable,
+/// with `[keys.dns]` on `target` for `domain` (revoke 2 days after retirement, remove 5 days
+/// after that).
+pub fn dkim_key(name: &str, key_type: &str, target: &str, domain: &str) -> String {
+    format!(
+        "[[keys]]\nname = \"{name}\"\ntype = \"{key_type}\"\nrotate_every = \"30d\"\n\
+         keep_versions = 1\n\n[keys.dns]\ntarget = \"{target}\"\ndomain = \"{domain}\"\n\
+         revoke_after = \"2d\"\nremove_after = \"5d\"\n"
+    )
+}
+
+/// How many dynamic updates this server has logged as processed so far (Knot logs one
+/// `DDNS, processing` line per UPDATE message it works on).
+pub fn updates_logged(knot: &Knot) -> usize {
+    std::fs::read_to_string(knot.log())
+        .unwrap_or_default()
+        .lines()
+        .filter(|l| l.contains("DDNS, processing"))
+        .count()
+}
