@@ -863,53 +863,44 @@ fn sigterm_stops_after_the_current_page_and_the_next_run_resumes() {
     }
 }
 
-/// Two rewraps of one key at once: the later one takes the checkpoint over, the earlier one
-/// stops at its next page with a clear message; compare-and-swap keeps every row right.
+/// A second `rewrap` started while one runs takes over; the first stops at its next save with
+/// "another keyroll rewrap took over", and no row is harmed.
 #[test]
 fn a_second_concurrent_rewrap_takes_over_and_no_row_is_harmed() {
-    let bao = Bao::shared();
-    let v = datakeys::vault(bao);
-    let key = datakeys::key(bao, "twice", 2, &[]);
-    let t = Table::new(Kind::Postgres, false);
-    let seeded = datakeys::seed(&v, &key, &t, 4_000, &[1]);
-    let policy = t.policy(&key, "");
-    let slow = spawn_rewrap(
-        &t,
-        bao,
-        &policy,
-        &["--max-rate", "500", "--batch-size", "20"],
-    );
-    wait_for("the first run's progress", Duration::from_secs(120), || {
-        checkpoint(bao, &key)
-            .and_then(|c| c["sources"]["subscribers.c"]["rewrapped"].as_u64())
-            .is_some_and(|n| n >= 200)
-    });
-    let (code, out, err) = run(&mut t.keyroll(bao, &policy, &["-o", "json", "rewrap"]));
-    assert_eq!(code, 0, "{out}\n{err}");
-    let (slow_code, _, slow_err) = datakeys::finish(slow);
-    assert_eq!(slow_code, 1, "{slow_err}");
-    assert!(
-        slow_err.contains("another keyroll rewrap took over"),
-        "{slow_err}"
-    );
-    let after = t.rows();
-    assert_eq!(below(&after, 2), 0);
-    for (pk, p) in datakeys::decrypt(&v, &key, &after) {
-        assert_eq!(p.unwrap(), seeded[&pk]);
-    }
+    newcomer_takes_over(Kind::Postgres, "twice", None);
 }
 
-/// The newest run takes over even when the running one saves its progress between the newcomer's
-/// read of the checkpoint and its claim (a race that made the newcomer give up as "taken over"
-/// under load). The newcomer's read is held back 2 s by a proxy while the slow run saves a page
-/// every few milliseconds, so the race happens every time.
+/// The newest run takes over even when the running one saves its progress between the
+/// newcomer's read of the checkpoint and its claim (a race that made the newcomer give up as
+/// "taken over" under load). The newcomer's read is held back 2 s by a proxy while the slow run
+/// saves a page every few milliseconds, so the race happens every time.
 #[test]
 fn a_newcomer_whose_claim_races_a_save_still_takes_over() {
     use common::faultproxy::{Fault, FaultProxy, Rule};
     let bao = Bao::shared();
+    let proxy = FaultProxy::start(&bao.addr);
+    newcomer_takes_over(
+        Kind::Sqlite,
+        "racing",
+        Some(&|key: &str| {
+            proxy.add(Rule::new(
+                Some("GET"),
+                &format!("keyroll/rewrap/transit/{key}"),
+                Fault::DelayAnswer(Duration::from_secs(2)),
+                Some(1),
+            ));
+            proxy.addr.clone()
+        }),
+    );
+}
+
+/// A slow rewrap of 4,000 rows runs; once it has made progress a second one starts (through the
+/// address `via` returns, after it set up its faults), finishes, and the first gives up.
+fn newcomer_takes_over(kind: Kind, prefix: &str, via: Option<&dyn Fn(&str) -> String>) {
+    let bao = Bao::shared();
     let v = datakeys::vault(bao);
-    let key = datakeys::key(bao, "racing", 2, &[]);
-    let t = Table::new(Kind::Sqlite, false);
+    let key = datakeys::key(bao, prefix, 2, &[]);
+    let t = Table::new(kind, false);
     let seeded = datakeys::seed(&v, &key, &t, 4_000, &[1]);
     let policy = t.policy(&key, "");
     let slow = spawn_rewrap(
@@ -923,16 +914,11 @@ fn a_newcomer_whose_claim_races_a_save_still_takes_over() {
             .and_then(|c| c["sources"]["subscribers.c"]["rewrapped"].as_u64())
             .is_some_and(|n| n >= 100)
     });
-    let proxy = FaultProxy::start(&bao.addr);
-    proxy.add(Rule::new(
-        Some("GET"),
-        &format!("keyroll/rewrap/transit/{key}"),
-        Fault::DelayAnswer(Duration::from_secs(2)),
-        Some(1),
-    ));
-    let (code, out, err) = run(t
-        .keyroll(bao, &policy, &["-o", "json", "rewrap"])
-        .env("VAULT_ADDR", &proxy.addr));
+    let mut second = t.keyroll(bao, &policy, &["-o", "json", "rewrap"]);
+    if let Some(via) = via {
+        second.env("VAULT_ADDR", via(&key));
+    }
+    let (code, out, err) = run(&mut second);
     assert_eq!(code, 0, "the newcomer gave up: {out}\n{err}");
     let (slow_code, _, slow_err) = datakeys::finish(slow);
     assert_eq!(slow_code, 1, "{slow_err}");
