@@ -204,7 +204,7 @@ pub fn data_holds(
                 "v{succ}'s creation time is unknown, so no census can be shown to be newer; \
                  {RUN_CENSUS}"
             ))),
-            Some(created) if c.taken_at < created => out.push(hold(format!(
+            Some(created) if c.taken_at < created_by_at_latest(created) => out.push(hold(format!(
                 "no census newer than v{succ}'s creation ({}; census {}): rows may have been \
                  written under v{v} until then; {RUN_CENSUS}",
                 at_second(created),
@@ -214,6 +214,20 @@ pub fn data_holds(
         }
     }
     out
+}
+
+/// The latest instant a version reported as created at `created` may really have been created:
+/// Vault reports symmetric keys' creation times in whole seconds (truncated), so a whole-second
+/// time stands for anything up to the next second. Comparing a census against this bound keeps
+/// a census begun in the same second from counting as newer than the version.
+fn created_by_at_latest(created: Timestamp) -> Timestamp {
+    if created.subsec_nanosecond() == 0 {
+        created
+            .checked_add(jiff::SignedDuration::from_secs(1))
+            .unwrap_or(created)
+    } else {
+        created
+    }
 }
 
 /// The planner's holds from every source: data holds stop retire and dispose alike; the DNS
@@ -402,6 +416,33 @@ mod tests {
         let k = key(&[0, 10, 20], 3);
         let h = data_holds(&k, &KeyRecord::default(), &g, t(30));
         assert_eq!(held(&h), [1, 2]);
+    }
+
+    /// Vault reports a symmetric key's creation time in whole seconds (truncated): a census
+    /// begun later in that second may still have begun before the version existed, so it does
+    /// not count as newer until the next whole second.
+    #[test]
+    fn a_census_in_the_same_second_as_a_whole_second_creation_time_is_not_newer() {
+        let src = [source("a")];
+        let k = key(&[0, 10, 20], 1);
+        let mut c = census(20, &[("a", &[(3, 5)])]);
+        if let LatestCensus::Taken(kc) = &mut c {
+            let later = t(20)
+                .checked_add(jiff::SignedDuration::from_millis(500))
+                .unwrap();
+            kc.taken_at = later;
+            kc.sources[0].taken_at = later;
+        }
+        let h = data_holds(&k, &KeyRecord::default(), &guard(&src, c), t(30));
+        assert_eq!(held(&h), [2], "{h:?}");
+        // A census begun in the next second is newer.
+        let h = data_holds(
+            &k,
+            &KeyRecord::default(),
+            &guard(&src, census(21, &[("a", &[(3, 5)])])),
+            t(30),
+        );
+        assert!(h.is_empty(), "{h:?}");
     }
 
     #[test]

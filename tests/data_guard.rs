@@ -45,6 +45,19 @@ fn events(audit: &Path, kind: &str) -> Vec<Value> {
         .collect()
 }
 
+/// Waits until the clock has passed the whole second Vault reports as `version`'s creation: a
+/// symmetric key's creation time is truncated to the second, so only a census begun after that
+/// second is provably newer than the version (see `holds::created_by_at_latest`).
+fn wait_past_creation(bao: &Bao, key: &str, version: u32) {
+    let created = bao.key("transit", key)["keys"][version.to_string()]
+        .as_i64()
+        .unwrap();
+    common::sidecar::wait_for(Duration::from_secs(60), || {
+        jiff::Timestamp::now().as_second() > created
+    })
+    .expect("the clock passes the version's creation second");
+}
+
 /// `keyroll ARGS` on the table's policy with `apply --at` allowed.
 fn keyroll(t: &Table, bao: &Bao, policy: &Path, args: &[&str]) -> Command {
     let mut c = t.keyroll(bao, &policy.to_path_buf(), args);
@@ -103,6 +116,7 @@ fn retirement_and_trim_wait_for_the_rows(kind: Kind) {
     let bao = Bao::shared();
     let v = datakeys::vault(bao);
     let key = datakeys::key(bao, "guard", 3, &[]);
+    wait_past_creation(bao, &key, 3);
     let t = Table::new(kind, false);
     let plain = datakeys::seed(&v, &key, &t, 30, &[1, 2, 3]);
     // Written by a stale writer that cached v1 (inserted later, after retirement).
@@ -216,6 +230,7 @@ fn retirement_and_trim_wait_for_the_rows_sqlite() {
 fn a_missing_stale_or_outdated_census_blocks() {
     let bao = Bao::shared();
     let key = datakeys::key(bao, "stale", 2, &[]);
+    wait_past_creation(bao, &key, 2);
     let t = Table::new(Kind::Sqlite, false);
     t.insert(&[(1, None), (2, Some("plain@example.com".into()))]);
     let (p, _) = policy(&t, &key, "keep_versions = 1\nmax_census_age = \"1h\"\n");
@@ -265,6 +280,7 @@ fn a_missing_stale_or_outdated_census_blocks() {
     let b = blocked(&r);
     assert!(b[0].2.contains("not counted: second"), "{}", b[0].2);
     assert_eq!(key_state(bao, "transit", &key), (3, 2, 0));
+    wait_past_creation(bao, &key, 3);
     ok(&t, bao, &p, &["census"]);
     let r = apply(&t, bao, &p, None, 0);
     assert_eq!(verbs(&r), ["retire"], "{r}");
@@ -314,6 +330,7 @@ fn rewrap_before_retire_does_census_rewrap_census_retire_in_one_apply() {
     let bao = Bao::shared();
     let v = datakeys::vault(bao);
     let key = datakeys::key(bao, "auto", 3, &[]);
+    wait_past_creation(bao, &key, 3);
     let t = Table::new(Kind::Postgres, false);
     let plain = datakeys::seed(&v, &key, &t, 300, &[1, 2, 3]);
     let (port, hooks) = webhook_receiver();
@@ -371,6 +388,7 @@ fn a_failed_rewrap_before_retire_retires_nothing_and_exits_1() {
     let bao = Bao::shared();
     let v = datakeys::vault(bao);
     let key = datakeys::key(bao, "autofail", 2, &[]);
+    wait_past_creation(bao, &key, 2);
     let other = datakeys::key(bao, "other", 1, &[]);
     let t = Table::new(Kind::Sqlite, false);
     datakeys::seed(&v, &key, &t, 20, &[1, 2]);
@@ -427,6 +445,7 @@ fn run_blocks_each_pass_until_a_census_clears_the_version() {
     let bao = Bao::shared();
     let v = datakeys::vault(bao);
     let key = datakeys::key(bao, "daemon", 2, &[]);
+    wait_past_creation(bao, &key, 2);
     let t = Table::new(Kind::Sqlite, false);
     datakeys::seed(&v, &key, &t, 20, &[1, 2]);
     let (p, audit) = policy(&t, &key, "keep_versions = 1\n");
