@@ -195,10 +195,12 @@ impl Sidecar {
         body
     }
 
-    /// Waits until `/readyz` says ready.
+    /// Waits until `/readyz` says ready. Like a readiness probe, a refused or reset connection
+    /// only means "not yet" (a process just started may accept before it serves); the deadline
+    /// and the logs tell a sidecar that never gets ready.
     pub fn wait_ready(&self) {
         wait_for(Duration::from_secs(60), || {
-            self.http("GET", "/readyz", &[]).0 == 200
+            try_http(self.port, "GET", "/readyz").is_some_and(|(code, _)| code == 200)
         })
         .unwrap_or_else(|| panic!("sidecar not ready: {}", self.logs()));
     }
@@ -306,6 +308,20 @@ pub fn wait_for(limit: Duration, mut f: impl FnMut() -> bool) -> Option<()> {
         }
         std::thread::sleep(Duration::from_millis(20));
     }
+}
+
+/// `GET`-style request without a body; `None` on a refused, reset or timed-out connection.
+pub fn try_http(port: u16, method: &str, path: &str) -> Option<(u16, String)> {
+    let mut s = TcpStream::connect(("127.0.0.1", port)).ok()?;
+    s.set_read_timeout(Some(Duration::from_secs(60))).ok()?;
+    let req = format!("{method} {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n");
+    s.write_all(req.as_bytes()).ok()?;
+    let mut resp = Vec::new();
+    s.read_to_end(&mut resp).ok()?;
+    let text = String::from_utf8_lossy(&resp).into_owned();
+    let code = text.split(' ').nth(1)?.parse().ok()?;
+    let body = text.split_once("\r\n\r\n").map(|(_, b)| b.to_string())?;
+    Some((code, body))
 }
 
 /// A minimal HTTP/1.1 client over a TcpStream (no client crate needed in tests).
